@@ -1,0 +1,651 @@
+"""
+pmd_mean.py: PMD-mean, the policy-mirror-descent update used to post-train Kimi K1.5/K2, in one file.
+
+Read this file top to bottom: it is the tutorial. `toy_bandit.py` shows the paper's main result on a
+bandit; `train_math.py` runs this same code on a small LLM; `test_pmd_mean.py` checks every equation
+below against an independent reference.
+
+    python train_math.py                      # the tiny offline model on built-in arithmetic (CPU or GPU)
+    python -m pytest -q test_pmd_mean.py      # the tests (CPU, ~2 minutes)
+
+Symbols and shapes (used in every shape comment below)
+------------------------------------------------------
+    P   prompts per step                 K   samples (responses) per prompt
+    B   = P*K sequences                  T   tokens per padded sequence (prompt + response)
+    Tp  prompt tokens (left-padded)      Tr  response tokens (right-padded), T = Tp + Tr
+    V   vocabulary size (151,936 for Qwen2.5)       H  hidden size
+    r   reward in [0, 1]                 τ   (tau) KL coefficient, "temperature" of the mirror step
+    Δ   = log π_θ(y|x) − log π_t(y|x), a sum over the response's tokens
+
+1. Policy mirror descent (PMD)
+------------------------------
+For a prompt x, one PMD step solves
+
+    π_{t+1} = argmax_π  E_{y~π}[r(y)] − τ·KL(π ‖ π_t)
+
+whose closed form is  π_{t+1}(y) = π_t(y)·e^{r(y)/τ} / Z_t,  Z_t = E_{y~π_t}[e^{r(y)/τ}], hence
+
+    τ·log(π_{t+1}(y)/π_t(y)) = r(y) − τ·log Z_t.                                            (1)
+
+2. Fitting (1) by regression (Kimi K1.5, arXiv 2501.12599, Sec. 2.3.2)
+---------------------------------------------------------------------
+An LLM cannot be set to π_{t+1} directly. Kimi fits it by least squares in log-policy space on
+samples from the current policy:
+
+    minimise_θ  E_{y~π_t} [ ( r(y) − b − τ·log(π_θ(y)/π_t(y)) )² ]                          (2)
+
+With b = τ·log Z_t the minimiser is exactly (1). log π(y|x) of a response is the SUM of its token
+log-probs (the chain rule), so Δ = log π_θ − log π_t is a sequence-level quantity.
+
+3. The baseline b: three choices
+--------------------------------
+τ·log Z_t is an expectation under π_t we only see through K samples, r_1..r_K. Choices:
+
+    PMD-part:  b = τ·log( (1/K)·Σ_j e^{r_j/τ} )     (a Monte-Carlo log-partition; biased, and for
+                                                      small τ dominated by the single best sample)
+    PMD-mean:  b = (1/K)·Σ_j r_j                    (the first-order expansion of τ·log Z for large τ)
+    leave-one-out forms: for sample i, the sums run over j ≠ i, so b_i does not depend on r_i.
+
+The reference implementation (OpenKimi, a verl fork) uses the leave-one-out forms ("rloo" for the
+mean, "ploo" for the partition); so do we by default (`PMDConfig.leave_one_out`).
+
+4. What PMD-mean actually solves (arXiv 2602.05933)
+---------------------------------------------------
+Replacing τ·log Z_t by the mean reward r̄ changes the fixed point. At the population level the
+minimiser of (2) with b = r̄, over normalised policies, is
+
+    π_{t+1}(y) = π_t(y) · (τ/λ) · W₀( (λ/τ)·e^{(r(y) − r̄)/τ} ),                            (3)
+
+W₀ the principal Lambert-W function and λ > 0 the one scalar that normalises it; it turns out that
+λ = τ·KL(π_t ‖ π_{t+1}). (3) is exactly the mirror-descent step with a mixed regulariser,
+
+    π_{t+1} = argmax_π  E_π[r] − τ·KL(π ‖ π_t) − (λ/2)·χ²(π ‖ π_t),                          (4)
+
+so PMD-mean is PMD plus an adaptive χ² penalty. The χ² term makes the step conservative when
+rewards are low (few successes cannot pull all the mass at once) and robust to finite-sample noise.
+`toy_bandit.py` computes (1), (3) and (4) exactly and trains on the loss below to show it.
+
+5. The loss, and why the first update is policy gradient
+--------------------------------------------------------
+With A = r − b (the "advantage") the per-response loss of the reference code (`opmd`) is
+
+    L = 0.5·τ·(A/τ − Δ)² / |y|                                                              (5)
+
+(the 1/|y| is OpenKimi's seq-mean-token-mean normalisation; τ scales it so the gradient's size
+does not depend on τ). Its gradient is ∇L = −(A − τ·Δ)·∇log π_θ(y) / |y|. On the first update
+after sampling, π_θ = π_t so Δ = 0 and
+
+    ∇L = −A·∇log π_θ(y) / |y|                                                                (6)
+
+which is length-normalised REINFORCE with baseline b. PMD departs from policy gradient only on the
+second and later updates on the same rollouts, where the −τ·Δ term pulls the log-ratio back
+towards its target A/τ instead of pushing it without limit: the regression has a fixed point.
+
+6. Where this code departs from the papers
+------------------------------------------
+  1. Log-probs are evaluated at temperature 1. Samples come from π_t only when
+     `temperature == 1` and `top_p == 1` (the defaults); otherwise the regression targets a
+     slightly different policy, as in most open implementations.
+  2. Leave-one-out baselines by default (as OpenKimi), while the paper analyses the plain mean.
+  3. Each "update" is one optimizer step on the whole rollout batch (gradients accumulated over
+     micro-batches), repeated `updates_per_batch` times. OpenKimi splits the batch into
+     mini-batches instead; with one mini-batch the two agree.
+  4. The KL(π_t‖π_θ) and λ we log are single-sample Monte-Carlo estimates,
+     mean_i (log π_t(y_i) − log π_θ(y_i)) over the batch, measured after the last update.
+  5. Kimi K1.5 adds a length penalty and filters prompts by difficulty; we do neither.
+  6. GRPO (for comparison only) uses token-level ratios with seq-mean-token-mean aggregation and no
+     KL term, so it shares every other line with PMD.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from transformers import DynamicCache
+
+
+# -----------------------------------------------------------------------------
+# Configuration: every hyperparameter in one place
+
+
+@dataclass
+class PMDConfig:
+    """All hyperparameters of one PMD iteration. Defaults were chosen by the sweeps in the README."""
+
+    # --- the algorithm
+    tau: float = 1.0
+    """τ, KL coefficient. The regression target A/τ is a log-ratio of up to 1/τ nats per response:
+    small τ asks for big moves and, with several updates per batch, destabilises (README sweep)."""
+    samples_per_prompt: int = 8
+    """K. Baselines need a group (K ≥ 2); more samples give a less noisy baseline and fewer
+    all-equal groups (which carry no signal), at K times the sampling cost."""
+    baseline: str = "mean"
+    """"mean" (PMD-mean) or "partition" (PMD-part, τ·log-mean-exp)."""
+    leave_one_out: bool = True
+    """Exclude sample i from its own baseline, as OpenKimi does (b_i independent of r_i)."""
+    loss: str = "pmd"
+    """"pmd" (eq. 5) or "grpo" (clipped surrogate with z-scored advantages, for comparison)."""
+    clip_eps: float = 0.2
+    """GRPO only: PPO clip range of the token ratio."""
+
+    # --- optimisation
+    updates_per_batch: int = 2
+    """Optimizer steps on the same rollouts. 1 is exactly REINFORCE (eq. 6); more lets the
+    regression pull Δ towards A/τ, which is where PMD differs from policy gradient."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward; gradients are accumulated to the full batch. Memory only."""
+    lr: float = 1e-4
+    """AdamW learning rate (set by the script; 1e-6 is a usual start for a 0.5B model)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm per update; guards against the rare huge step."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower. Used only during updates."""
+
+    # --- sampling
+    max_new_tokens: int = 256
+    """Response budget in tokens; longer responses are truncated (and flagged)."""
+    temperature: float = 1.0
+    """Sampling temperature; 1.0 samples from π_t itself (departure 1). 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 samples from π_t itself (departure 1)."""
+    logprob_chunk: int = 1024
+    """Tokens per chunk when gathering log-probs: bounds the (chunk, V) float32 logits in memory."""
+
+    # --- numerics
+    dtype: str = "bfloat16"
+    """Model dtype on CUDA ("bfloat16" or "float32"); CPU always runs float32."""
+    seed: int = 0
+    """Seeds sampling and data order."""
+
+    def __post_init__(self):
+        # Bad values end with one clear sentence (the scripts turn ValueError into exit code 2).
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0 (got {self.tau}): it divides the advantage.")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 (got {self.samples_per_prompt}): "
+                             "the baseline needs a group.")
+        if self.baseline not in ("mean", "partition"):
+            raise ValueError(f"baseline must be 'mean' or 'partition' (got {self.baseline!r}).")
+        if self.loss not in ("pmd", "grpo"):
+            raise ValueError(f"loss must be 'pmd' or 'grpo' (got {self.loss!r}).")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0 (got {self.max_new_tokens}).")
+        if self.updates_per_batch < 1 or self.micro_batch_size < 1:
+            raise ValueError("updates_per_batch and micro_batch_size must be >= 1.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr}).")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1].")
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32 (got {self.dtype!r}).")
+
+
+# -----------------------------------------------------------------------------
+# The PMD part: baselines and losses (pure tensor functions)
+
+
+def compute_baseline(rewards: torch.Tensor, tau: float, kind: str = "mean",
+                     leave_one_out: bool = True) -> torch.Tensor:
+    """Baselines b for rewards shaped (P, K); returns (P, K). See section 3 of the docstring."""
+    P, K = rewards.shape
+    if leave_one_out and K < 2:
+        raise ValueError("a leave-one-out baseline needs K >= 2 samples per prompt")
+    r = rewards.double()                                                   # (P, K), float64 for small τ
+    if leave_one_out:
+        # Row i of the (K, K) matrix `others` selects j ≠ i. We sum over the selection instead of
+        # computing (Σ_j r_j − r_i): the subtraction cancels catastrophically inside a log-sum-exp
+        # when τ is small (e^{1/0.01} overflows, and inf − inf = nan).
+        others = ~torch.eye(K, dtype=torch.bool, device=r.device)         # (K, K)
+        r_rows = r.unsqueeze(1).expand(P, K, K)                            # (P, K, K): [p, i, j] = r_pj
+        n = K - 1
+    else:
+        others = torch.ones(K, K, dtype=torch.bool, device=r.device)      # (K, K)
+        r_rows = r.unsqueeze(1).expand(P, K, K)                            # (P, K, K)
+        n = K
+    if kind == "mean":
+        # b_i = (1/n)·Σ_{j ∈ S_i} r_j                                      (PMD-mean)
+        b = (r_rows * others).sum(-1) / n                                  # (P, K)
+    elif kind == "partition":
+        # b_i = τ·log( (1/n)·Σ_{j ∈ S_i} e^{r_j/τ} ) = τ·(logsumexp_{j∈S_i}(r_j/τ) − log n)  (PMD-part)
+        z = (r_rows / tau).masked_fill(~others, float("-inf"))             # (P, K, K)
+        b = tau * (torch.logsumexp(z, dim=-1) - math.log(n))               # (P, K)
+    else:
+        raise ValueError(f"unknown baseline kind {kind!r} (use 'mean' or 'partition')")
+    return b.to(rewards.dtype)
+
+
+def pmd_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+             tau: float, lengths: torch.Tensor) -> torch.Tensor:
+    """Eq. (5): mean over sequences of 0.5·τ·(A/τ − Δ)²/|y|. All inputs (B,); returns a scalar.
+
+    This is OpenKimi's `opmd` policy loss with seq-mean-token-mean aggregation: the per-token loss
+    is the sequence's squared residual spread evenly over its |y| tokens, averaged per sequence,
+    then over sequences. The loss VALUE means little (it is a regression residual, not a reward);
+    watch reward, accuracy and KL instead.
+    """
+    # Δ = log π_θ(y) − log π_t(y), a sum over the response tokens
+    delta = logp - logp_old                                                # (B,)
+    # L_i = 0.5·τ·(A_i/τ − Δ_i)² / |y_i|
+    per_seq = 0.5 * tau * (advantages / tau - delta) ** 2 / lengths        # (B,)
+    return per_seq.mean()
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group z-score, (r − mean)/(std + eps) within each prompt's group. (P, K) → (P, K)."""
+    mean = rewards.mean(dim=1, keepdim=True)                               # (P, 1)
+    std = rewards.std(dim=1, keepdim=True)                                 # (P, 1), unbiased as in GRPO
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(logp_tok: torch.Tensor, logp_old_tok: torch.Tensor, advantages: torch.Tensor,
+              response_mask: torch.Tensor, clip_eps: float = 0.2) -> torch.Tensor:
+    """GRPO's clipped surrogate (no KL term), aggregated seq-mean-token-mean like `pmd_loss`.
+
+    logp_tok, logp_old_tok, response_mask: (B, T) token log-probs (0 outside the response);
+    advantages: (B,) group z-scored rewards (`grpo_advantages`). Returns a scalar.
+    """
+    mask = response_mask.to(logp_tok.dtype)                                # (B, T)
+    # ρ = π_θ(y_t | y_<t) / π_t(y_t | y_<t), one ratio per token
+    ratio = torch.exp((logp_tok - logp_old_tok) * mask)                    # (B, T)
+    A = advantages.unsqueeze(1)                                            # (B, 1)
+    # per-token loss −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (B, T)
+    per_seq = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)      # (B,)
+    return per_seq.mean()
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities of responses under a causal LM
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that follow the attention mask, exactly as HF `generate` computes them.
+
+    A left-padded row [pad, pad, a, b] gets positions [0, 0, 0, 1]: real tokens are numbered from
+    0 whatever the padding, so sampling (which sees the same rule) and training agree.
+    """
+    pos = attention_mask.long().cumsum(-1) - 1                             # (B, T)
+    return pos.masked_fill(attention_mask == 0, 0)                         # (B, T)
+
+
+def _gather_logprobs(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(lm_head(h))[target] for n rows: (n, H), (n,) → (n,), via logit − logsumexp."""
+    logits = lm_head(h).float()                                            # (n, V), float32 for this chunk only
+    # log π(y_t | y_<t) = z_{y_t} − log Σ_v e^{z_v}
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Log-prob of every response token, (B, T), 0 at prompt and padding positions.
+
+    Memory trap: the full (B, T, V) log-softmax in float32 is 4·B·T·V bytes: 60 GB for 512 × 384
+    tokens of Qwen2.5 (V = 151,936). We run the transformer body once, keep only the hidden states of
+    positions that predict a response token, and push them through the output layer `chunk` rows at
+    a time. With gradients on, each chunk is checkpointed: backward recomputes its (chunk, V) logits
+    instead of keeping them all alive.
+    """
+    B, T = input_ids.shape
+    body = model.base_model                                                # the transformer without lm_head
+    lm_head = model.get_output_embeddings()                                # (H → V) linear layer
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
+    # Token t is predicted by the hidden state at t−1. Mask rule: a position counts iff the token it
+    # predicts is a response token (prompt tokens and padding never count; the final EOS does).
+    predicts_response = response_mask[:, 1:].bool()                        # (B, T−1)
+    h = hidden[:, :-1][predicts_response]                                  # (N, H), N = Σ|y|
+    targets = input_ids[:, 1:][predicts_response]                          # (N,)
+    pieces = []
+    for s in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(
+                _gather_logprobs, lm_head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False))
+        else:
+            pieces.append(_gather_logprobs(lm_head, h[s:s + chunk], targets[s:s + chunk]))
+    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
+    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # (B, T)
+    out[:, 1:] = out[:, 1:].masked_scatter(predicts_response, flat)        # differentiable scatter
+    return out
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over response tokens: (B, T) inputs → (B,)."""
+    return token_logprobs(model, input_ids, attention_mask, response_mask, chunk).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: K samples per prompt from the current policy π_t
+
+
+@dataclass
+class Rollouts:
+    """A batch of B = P*K sampled responses, prompt-major: row p*K + k is sample k of prompt p."""
+
+    input_ids: torch.Tensor       # (B, T) [left-padded prompt | response, right-padded], T = Tp + Tr
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt tokens and response tokens up to its EOS
+    response_mask: torch.Tensor   # (B, T) 1 on response tokens, the EOS that ends it included
+    response_lengths: torch.Tensor  # (B,) |y|, EOS included
+    finished: torch.Tensor        # (B,) bool: ended with an EOS token
+    truncated: torch.Tensor       # (B,) bool: hit max_new_tokens without an EOS
+    completions: list = field(default_factory=list)  # B decoded responses (special tokens removed)
+    prompt_len: int = 0           # Tp
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a response (instruct models often have two)."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        ids.update(e if isinstance(e, (list, tuple)) else ([] if e is None else [e]))
+    if not ids:
+        raise ValueError("the tokenizer and model define no EOS token; responses could never end")
+    return sorted(ids)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Draw one token per row from softmax(logits/temperature), nucleus-truncated: (B, V) → (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)                                           # greedy
+    logits = logits.float() / temperature                                  # (B, V)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)        # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)                         # (B, V)
+        # drop a token if the mass strictly before it already reaches top_p (the top token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p           # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)                 # (B, V) back in vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)                                             # (B, V)
+    # Exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from Categorical(p)
+    # (E_v/p_v ~ Exp(p_v), and the smallest of independent exponentials is v w.p. p_v / Σp).
+    # Same distribution as torch.multinomial, cheaper, and no CPU synchronisation.
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)     # (B,)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _is_checkpointing(model) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name, old name
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
+@torch.no_grad()
+def sample_rollouts(model, tokenizer, prompts: list[str], k: int, cfg: PMDConfig) -> Rollouts:
+    """K samples for each of P prompts, with a KV cache; each prompt is prefilled once.
+
+    Decoding loop, per step: the last token of every row goes through the model with the cache,
+    the next token is drawn, rows that already ended get padding. We check "all rows ended?" only
+    every 16 steps, since each check is a GPU→CPU synchronisation.
+    """
+    device = next(model.parameters()).device
+    was_training, had_ckpt = model.training, _is_checkpointing(model)
+    model.eval()
+    if had_ckpt:
+        model.gradient_checkpointing_disable()                             # checkpointing forbids the cache
+    eos = torch.tensor(_eos_ids(model, tokenizer), device=device)          # (n_eos,)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
+
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids = enc["input_ids"].to(device)                               # (P, Tp)
+    prompt_mask = enc["attention_mask"].to(device)                         # (P, Tp)
+    P, Tp = prompt_ids.shape
+    B = P * k
+
+    # Prefill: run each prompt once, then copy its KV cache K times (row p*K + j ← prompt p).
+    cache = DynamicCache(config=model.config)                              # filled in place by forward
+    cache_kw = {_cache_kwarg(model): cache}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_position_ids(prompt_mask),
+                use_cache=True, logits_to_keep=1, **cache_kw)
+    cache.batch_repeat_interleave(k)
+    logits = out.logits[:, -1].repeat_interleave(k, dim=0)                 # (B, V)
+    attn = prompt_mask.repeat_interleave(k, dim=0)                         # (B, Tp), grows by one per step
+    next_pos = attn.sum(-1, keepdim=True)                                  # (B, 1) position of the next token
+
+    tokens = torch.full((B, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, Tr_max)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)             # (B,)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)              # (B,)
+    steps = 0
+    for t in range(cfg.max_new_tokens):
+        tok = sample_next_token(logits, cfg.temperature, cfg.top_p)        # (B,)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)     # ended rows get padding
+        tokens[:, t] = tok
+        lengths += (~finished).long()                                      # the EOS itself is counted
+        finished |= torch.isin(tok, eos)
+        steps = t + 1
+        if t + 1 == cfg.max_new_tokens or ((t + 1) % 16 == 0 and bool(finished.all())):
+            break
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)               # (B, Tp + t + 1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos,
+                    use_cache=True, **cache_kw)
+        logits = out.logits[:, -1]                                         # (B, V)
+        next_pos = next_pos + 1
+
+    tokens = tokens[:, :steps]                                             # (B, Tr)
+    Tr = tokens.shape[1]
+    resp_mask = torch.arange(Tr, device=device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, Tr)
+    # The response mask comes from lengths, never from comparing ids with pad_id: when pad == EOS a
+    # comparison would drop the EOS that ends the response, and the model would never learn to stop.
+    input_ids = torch.cat([prompt_ids.repeat_interleave(k, dim=0), tokens], dim=1)       # (B, T)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), resp_mask.long()], dim=1)  # (B, T)
+    response_mask = torch.cat([torch.zeros_like(prompt_mask).repeat_interleave(k, dim=0),
+                               resp_mask.long()], dim=1)                   # (B, T)
+    completions = tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
+                                         skip_special_tokens=True)
+    if was_training:
+        model.train()
+    if had_ckpt:
+        model.gradient_checkpointing_enable()
+    return Rollouts(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                    response_lengths=lengths, finished=finished, truncated=~finished,
+                    completions=completions, prompt_len=Tp)
+
+
+# -----------------------------------------------------------------------------
+# Rewards: exact-match on the final answer of a math problem
+
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+# A number: an optional minus (not when it follows a word character, so "3-4" is not −4), an optional
+# "$", digits with optional thousands separators, an optional decimal part, an optional "/denominator".
+_NUM_RE = re.compile(r"(?:(?<![\w)])-)?\$?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))(?:\.\d+)?(?:\s?/\s?\d+)?")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
+
+
+def _normalise_text(text: str) -> str:
+    text = text.replace("\u2212", "-").replace("\u2013", "-")             # unicode minus and en dash
+    text = text.replace("\\$", "$").replace("\\!", "").replace("\\,", "")
+    return _FRAC_RE.sub(r"\1/\2", text)                                    # \frac{3}{4} → 3/4
+
+
+def _clean(num: str) -> str:
+    return num.replace(",", "").replace("$", "").replace(" ", "")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The FINAL answer of a completion as a clean number string ("-7", "1234", "3/4"), or None.
+
+    Looks, in order, for: the number after the last "####"; the last number in the last \\boxed{};
+    the number after the last "answer is"/"answer:"; else the last number in the text. Taking the
+    first number of the text (a bug elsewhere) would grade the working, not the answer.
+    """
+    text = _normalise_text(text)
+    if "####" in text:
+        m = _NUM_RE.search(text.rsplit("####", 1)[1])
+        return _clean(m.group()) if m else None
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        nums = _NUM_RE.findall(boxed)
+        return _clean(nums[-1]) if nums else None
+    hits = list(_ANSWER_IS_RE.finditer(text))
+    if hits:
+        m = _NUM_RE.search(text[hits[-1].end():])
+        if m:
+            return _clean(m.group())
+    nums = _NUM_RE.findall(text)
+    return _clean(nums[-1]) if nums else None
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    s = _clean(s).rstrip(".")
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return Fraction(num) / Fraction(den) if Fraction(den) != 0 else None
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_reward(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer equals `gold` as a number (18.00 = 18, 3/4 = 0.75), else 0.0."""
+    pred = extract_answer(completion)
+    if pred is None:
+        return 0.0
+    a, b = _to_fraction(pred), _to_fraction(str(gold))
+    if a is None or b is None:
+        return float(pred == _clean(str(gold)))
+    return float(a == b)
+
+
+# -----------------------------------------------------------------------------
+# One PMD iteration: log π_t, baselines, then `updates_per_batch` regression steps
+
+
+def _micro_batches(rollouts: Rollouts, size: int):
+    """Yield (rows, cols) slices: `size` rows, and only the columns some of those rows use.
+
+    Dropping the padding every row of a micro-batch shares is free speed; positions come from the
+    attention mask, so cutting leading pad columns changes no log-prob.
+    """
+    B = rollouts.input_ids.shape[0]
+    for s in range(0, B, size):
+        rows = slice(s, min(s + size, B))
+        used = rollouts.attention_mask[rows].any(0).nonzero()              # columns with a real token
+        yield rows, slice(int(used.min()), int(used.max()) + 1)
+
+
+def _logprobs_no_grad(model, rollouts: Rollouts, cfg: PMDConfig) -> torch.Tensor:
+    """Token log-probs of every rollout under the model as it is now, (B, T), no graph."""
+    R = rollouts
+    out = torch.zeros(R.input_ids.shape, dtype=torch.float32, device=R.input_ids.device)  # (B, T)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for rows, cols in _micro_batches(R, cfg.micro_batch_size):
+            out[rows, cols] = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
+                                             R.response_mask[rows, cols], cfg.logprob_chunk)
+    model.train(was_training)
+    return out
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> dict:
+    """One PMD iteration on sampled rollouts. rewards: B floats, prompt-major. Returns metrics.
+
+    Raises FloatingPointError (before touching the weights) if a loss or gradient is not finite.
+    """
+    device = rollouts.input_ids.device
+    B, K = rollouts.input_ids.shape[0], cfg.samples_per_prompt
+    if B % K:
+        raise ValueError(f"batch of {B} rollouts is not a whole number of groups of K={K}")
+    r = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(B // K, K)  # (P, K)
+    lengths = rollouts.response_lengths.clamp(min=1).float()               # (B,)
+    mask = rollouts.response_mask                                          # (B, T)
+
+    # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration.
+    t0 = time.perf_counter()
+    logp_old_tok = _logprobs_no_grad(model, rollouts, cfg)                 # (B, T)
+    logp_old = logp_old_tok.sum(-1)                                        # (B,)
+    _sync(device)
+    t_logprobs = time.perf_counter() - t0
+
+    # A = r − b, b ≈ τ·log Z_t (PMD-mean: the group mean; PMD-part: τ·log-mean-exp)
+    adv_pmd = (r - compute_baseline(r, cfg.tau, cfg.baseline, cfg.leave_one_out)).reshape(B)  # (B,)
+    adv = adv_pmd if cfg.loss == "pmd" else grpo_advantages(r).reshape(B)  # (B,)
+
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    losses, grad_norms = [], []
+    for update in range(cfg.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for rows, cols in _micro_batches(rollouts, cfg.micro_batch_size):
+            R = rollouts
+            lp_tok = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
+                                    R.response_mask[rows, cols], cfg.logprob_chunk)     # (b, t)
+            if cfg.loss == "pmd":
+                # eq. (5) on this micro-batch, weighted so the sum over micro-batches is the batch mean
+                loss = pmd_loss(lp_tok.sum(-1), logp_old[rows], adv[rows], cfg.tau, lengths[rows])
+            else:
+                loss = grpo_loss(lp_tok, logp_old_tok[rows, cols], adv[rows], R.response_mask[rows, cols],
+                                 cfg.clip_eps)
+            loss = loss * (lp_tok.shape[0] / B)
+            loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite loss or gradient at update {update + 1} "
+                                     f"(loss {float(total)}, grad norm {float(grad_norm)})")
+        optimizer.step()
+        losses.append(float(total))
+        grad_norms.append(float(grad_norm))
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_disable()
+    _sync(device)
+    t_update = time.perf_counter() - t0
+
+    # After the updates: how far did π_θ move from π_t on these samples?
+    logp_new = _logprobs_no_grad(model, rollouts, cfg).sum(-1)             # (B,)
+    delta = logp_new - logp_old                                            # (B,) Δ
+    # KL(π_t ‖ π_θ) = E_{y~π_t}[log π_t(y) − log π_θ(y)] ≈ mean_i(−Δ_i)  (y_i ~ π_t)
+    kl = float((-delta).mean())
+    groups_equal = (r == r[:, :1]).all(dim=1).float().mean()               # share of all-equal groups
+    return {
+        "loss": sum(losses) / len(losses),
+        "reward": float(r.mean()),
+        "all_equal_share": float(groups_equal),
+        # residual of the regression (2), A/τ − Δ in nats per response: its mean, and its RMS (the
+        # fit's quality). With a mean baseline Σ_i A_i = 0 in each group, so the mean equals the KL.
+        "residual": float((adv_pmd / cfg.tau - delta).mean()),
+        "residual_rms": float((adv_pmd / cfg.tau - delta).pow(2).mean().sqrt()),
+        "kl": kl,
+        # implied χ² weight λ = τ·KL(π_t ‖ π_{t+1}) (arXiv 2602.05933)
+        "lambda": cfg.tau * kl,
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "response_length": float(rollouts.response_lengths.float().mean()),
+        "truncated_share": float(rollouts.truncated.float().mean()),
+        "time_logprobs": t_logprobs,
+        "time_update": t_update,
+    }
+

@@ -1,0 +1,514 @@
+"""
+Tests for pmd_mean.py, toy_bandit.py and train_math.py. CPU only, no downloads:
+
+    python -m pytest -q test_pmd_mean.py
+
+Every test compares against an independent reference (a hand computation, a naive re-implementation,
+a closed form or a limit). Models are tiny random Qwen2s with a byte-level tokenizer built in code.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"                                         # never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import pmd_mean as pm
+import train_math as tm
+
+torch.set_num_threads(2)
+HERE = Path(__file__).resolve().parent
+GSM8K = HERE.parent / "shared" / "data" / "gsm8k"
+
+
+# -----------------------------------------------------------------------------
+# Tiny models (built in code) and helpers
+
+
+def make_model(seed=0, eos_bias=None, init=0.02, pad_is_eos=True):
+    """A 2-layer Qwen2 over the 258-symbol byte tokenizer. eos_bias: add a bias making EOS likely."""
+    tok = tm.byte_tokenizer(pad_is_eos=pad_is_eos)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=init, tie_word_embeddings=False,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    if eos_bias is not None:
+        head = torch.nn.Linear(64, len(tok), bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.zero_()
+            head.bias[tok.eos_token_id] = eos_bias
+        model.lm_head = head
+    return model.eval(), tok
+
+
+def naive_sequence_logprobs(model, ids, attn, resp):
+    """Full float32 log_softmax over (B, T, V), then a Python loop over response positions."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logp = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float().log_softmax(-1)
+    out = []
+    for b in range(ids.shape[0]):
+        s = 0.0
+        for t in range(1, ids.shape[1]):
+            if resp[b, t]:
+                s = s + logp[b, t - 1, ids[b, t]]
+        out.append(s)
+    return torch.stack([torch.as_tensor(x) for x in out])
+
+
+PROMPTS = ["1+1=", "a much longer prompt 23+45=", "7-9="]
+
+
+# -----------------------------------------------------------------------------
+# pmd_loss and grpo_loss
+
+
+def test_pmd_loss_hand_computed():
+    # Δ = [0.5, 0], A/τ = [1, −0.5], residual = [0.5, −0.5]
+    # L = mean(0.5·0.5·0.25/2, 0.5·0.5·0.25/4) = mean(0.03125, 0.015625) = 0.0234375
+    loss = pm.pmd_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0]), torch.tensor([0.5, -0.25]),
+                       0.5, torch.tensor([2.0, 4.0]))
+    assert loss.item() == pytest.approx(0.0234375, abs=1e-9)
+
+
+def test_pmd_loss_equals_reference_opmd_formula():
+    """Re-derive OpenKimi's `opmd` loss from padded token tensors, seq-mean-token-mean, in plain Python."""
+    g = torch.Generator().manual_seed(0)
+    B, T, tau = 5, 9, 0.3
+    lengths = [3, 9, 1, 6, 4]
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1                                                # response at the right end
+    lp = -torch.rand(B, T, generator=g) * 3
+    old = -torch.rand(B, T, generator=g) * 3
+    lp_garbage, old_garbage = lp.clone(), old.clone()
+    lp_garbage[mask == 0] = 1e4                                            # padding garbage must not leak
+    old_garbage[mask == 0] = -1e4
+    adv = torch.randn(B, generator=g)
+    # reference: per sequence, log-ratio Δ = Σ_t m_t·(lp_t − old_t); each response token carries
+    # 0.5·τ·(A/τ − Δ)²/|y|; token-mean within the sequence, then mean over sequences
+    seq_losses = []
+    for b in range(B):
+        toks = [t for t in range(T) if mask[b, t]]
+        delta = sum(float(lp[b, t] - old[b, t]) for t in toks)
+        per_token = [0.5 * tau * (float(adv[b]) / tau - delta) ** 2 / len(toks) for _ in toks]
+        seq_losses.append(sum(per_token) / len(per_token))
+    ref = sum(seq_losses) / B
+    ours = pm.pmd_loss((lp_garbage * mask).sum(-1), (old_garbage * mask).sum(-1), adv, tau, mask.sum(-1))
+    assert ours.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_grpo_loss_against_naive_and_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    z = pm.grpo_advantages(r)
+    for p in range(2):
+        mu, sd = r[p].mean().item(), np.std(r[p].numpy(), ddof=1)
+        assert np.allclose(z[p].numpy(), (r[p].numpy() - mu) / (sd + 1e-6), atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    lp, old = -torch.rand(2, 5, generator=g), -torch.rand(2, 5, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    A = torch.tensor([1.5, -0.7])
+    ref = 0.0
+    for b in range(2):
+        toks = [t for t in range(5) if mask[b, t]]
+        terms = []
+        for t in toks:
+            rho = math.exp(lp[b, t] - old[b, t])
+            terms.append(-min(rho * A[b].item(), min(max(rho, 0.8), 1.2) * A[b].item()))
+        ref += sum(terms) / len(terms) / 2
+    assert pm.grpo_loss(lp, old, A, mask, 0.2).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_pmd_gradient_is_reinforce_at_first_update_and_regression_after():
+    """∇L = −(A − τΔ)·∇log π/|y|: at Δ = 0 (first update) it is length-normalised REINFORCE."""
+    model, tok = make_model(seed=3)
+    torch.manual_seed(0)
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=3)
+    R = pm.sample_rollouts(model, tok, PROMPTS[:2], 3, cfg)
+    A = torch.tensor([0.7, -0.2, -0.5, 0.1, 0.4, -0.5])
+    L = R.response_lengths.float()
+    params = [p for p in model.parameters()]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    logp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    g_pmd = grads(pm.pmd_loss(logp, logp.detach(), A, 0.5, L))
+    logp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    g_pg = grads(-(A * logp / L).mean())                                  # REINFORCE with baseline
+    assert torch.allclose(g_pmd, g_pg, atol=1e-6, rtol=1e-4)
+    assert g_pg.abs().max() > 1e-4                                        # not trivially zero
+    # later updates: logp_old ≠ logp, the gradient carries the −τΔ pull-back term
+    tau, shift = 0.5, torch.tensor([0.3, -0.1, 0.2, 0.0, -0.4, 0.25])
+    logp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    g_pmd = grads(pm.pmd_loss(logp, logp.detach() - shift, A, tau, L))   # Δ = shift
+    logp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    g_ref = grads(-((A - tau * shift) * logp / L).mean())
+    assert torch.allclose(g_pmd, g_ref, atol=1e-6, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Baselines
+
+
+def naive_baseline(r, tau, kind, loo):
+    P, K = r.shape
+    out = np.zeros((P, K))
+    for p in range(P):
+        for i in range(K):
+            others = [float(r[p, j]) for j in range(K) if (j != i or not loo)]
+            if kind == "mean":
+                out[p, i] = sum(others) / len(others)
+            else:  # τ·log mean exp(r/τ), with the max factored out by hand
+                m = max(others)
+                out[p, i] = m + tau * math.log(sum(math.exp((x - m) / tau) for x in others) / len(others))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mean", "partition"])
+@pytest.mark.parametrize("loo", [True, False])
+@pytest.mark.parametrize("tau", [0.01, 0.3, 1.0])
+def test_baseline_matches_naive(kind, loo, tau):
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.9, 0.5, 0.1], [1, 1, 1, 0.0]])
+    b = pm.compute_baseline(r, tau, kind, loo)
+    assert b.shape == r.shape and torch.isfinite(b).all()
+    assert np.allclose(b.numpy(), naive_baseline(r, tau, kind, loo), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mean", "partition"])
+def test_leave_one_out_excludes_self(kind):
+    r = torch.tensor([[0.1, 0.7, 0.3, 0.9]])
+    b = pm.compute_baseline(r, 0.5, kind, True)
+    for i in range(4):
+        r2 = r.clone()
+        r2[0, i] = 0.0 if r[0, i] > 0.5 else 1.0                           # change my own reward
+        b2 = pm.compute_baseline(r2, 0.5, kind, True)
+        assert b2[0, i] == pytest.approx(b[0, i].item(), abs=1e-7)        # my baseline did not move
+        assert not torch.allclose(b2[0, [j for j in range(4) if j != i]], b[0, [j for j in range(4) if j != i]])
+
+
+def test_partition_limits():
+    r = torch.tensor([[0.1, 0.7, 0.3, 0.9], [1.0, 0.0, 0.0, 0.0]])
+    for loo in (True, False):
+        big = pm.compute_baseline(r, 1e5, "partition", loo)                # τ → ∞: the mean
+        assert torch.allclose(big, pm.compute_baseline(r, 1.0, "mean", loo), atol=1e-5)
+        small = pm.compute_baseline(r, 1e-3, "partition", loo)             # τ → 0: the max
+        K = r.shape[1]
+        mx = torch.stack([torch.stack([max(r[p, j] for j in range(K) if j != i or not loo) for i in range(K)])
+                          for p in range(2)])
+        assert torch.allclose(small, mx, atol=1e-3 * math.log(K) + 1e-6)
+
+
+def test_partition_small_tau_binary_is_finite_and_exact():
+    r = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [1.0] * 8, [0.0] * 8])
+    for loo in (True, False):
+        b = pm.compute_baseline(r, 0.01, "partition", loo)
+        assert torch.isfinite(b).all()
+        assert np.allclose(b.numpy(), naive_baseline(r, 0.01, "partition", loo), atol=1e-6)
+    # sample 0 of row 0 is the only success: leave-one-out, its baseline is 0; the others see
+    # b = 0.01·log((e^100 + 6)/7) ≈ 1 − 0.01·log 7
+    b = pm.compute_baseline(r, 0.01, "partition", True)
+    assert b[0, 0].item() == pytest.approx(0.0, abs=1e-7)
+    assert b[0, 1].item() == pytest.approx(1 - 0.01 * math.log(7), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs
+
+
+def padded_batch(tok, pad_id):
+    """Rows with left padding, right padding, both, and none; response mask on a middle span."""
+    a = tok("12+34=46", add_special_tokens=False)["input_ids"]
+    b = tok("7=7", add_special_tokens=False)["input_ids"]
+    rows = [([pad_id] * 5, a, [pad_id] * 0, 3),        # left padded; last 3 tokens are the response
+            ([], a, [pad_id] * 5, 2),                  # right padded
+            ([pad_id] * 4, b, [pad_id] * 6, 1),        # both
+            ([], a + b + a[:2], [], 4)]                # no padding
+    T = max(len(l) + len(m) + len(r) for l, m, r, _ in rows)
+    ids, attn, resp = (torch.full((4, T), pad_id), torch.zeros(4, T, dtype=torch.long),
+                       torch.zeros(4, T, dtype=torch.long))
+    for i, (l, m, r, n) in enumerate(rows):
+        seq = l + m + r + [pad_id] * (T - len(l) - len(m) - len(r))
+        ids[i] = torch.tensor(seq)
+        attn[i, len(l):len(l) + len(m)] = 1
+        resp[i, len(l) + len(m) - n:len(l) + len(m)] = 1
+    return ids, attn, resp
+
+
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_sequence_logprobs_matches_naive_full_log_softmax(chunk):
+    model, tok = make_model(seed=1, init=0.3)
+    ids, attn, resp = padded_batch(tok, tok.pad_token_id)
+    ours = pm.sequence_logprobs(model, ids, attn, resp, chunk=chunk)
+    ref = naive_sequence_logprobs(model, ids, attn, resp)
+    assert ours.shape == (4,)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # gradients through the chunked, checkpointed gather equal those of the naive computation
+    model.zero_grad(); ours.sum().backward()
+    g1 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(); naive_sequence_logprobs(model, ids, attn, resp).sum().backward()
+    g2 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padding_does_not_change_logprobs():
+    model, tok = make_model(seed=2, init=0.3)
+    seq = torch.tensor([tok("5+5=10", add_special_tokens=False)["input_ids"]])
+    resp = torch.zeros_like(seq); resp[0, -2:] = 1
+    plain = pm.sequence_logprobs(model, seq, torch.ones_like(seq), resp)
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), seq], 1)
+    attn = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones_like(seq)], 1)
+    resp_p = torch.cat([torch.zeros(1, 7, dtype=torch.long), resp], 1)
+    assert torch.allclose(plain, pm.sequence_logprobs(model, padded, attn, resp_p), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Rollouts
+
+
+def test_sample_rollouts_shapes_and_masks():
+    model, tok = make_model(seed=4, eos_bias=3.0, pad_is_eos=False)
+    torch.manual_seed(0)
+    cfg = pm.PMDConfig(max_new_tokens=12, samples_per_prompt=4)
+    R = pm.sample_rollouts(model, tok, PROMPTS, 4, cfg)
+    B, T = R.input_ids.shape
+    Tp = R.prompt_len
+    assert B == 12 and len(R.completions) == 12
+    for t in (R.attention_mask, R.response_mask):
+        assert t.shape == (B, T)
+    assert R.response_lengths.shape == R.finished.shape == R.truncated.shape == (B,)
+    assert (R.finished ^ R.truncated).all()
+    assert R.finished.any() and R.truncated.any()                          # both kinds occur here
+    enc = tok(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    for i in range(B):
+        n = int(R.response_lengths[i])
+        p = i // 4                                                         # prompt-major order
+        assert torch.equal(R.input_ids[i, :Tp], enc["input_ids"][p])
+        assert torch.equal(R.attention_mask[i, :Tp], enc["attention_mask"][p])
+        expect = torch.zeros(T, dtype=torch.long); expect[Tp:Tp + n] = 1
+        assert torch.equal(R.response_mask[i], expect)                     # exactly the response
+        assert torch.equal(R.attention_mask[i, Tp:], expect[Tp:])          # padding after it is masked
+        resp = R.input_ids[i, Tp:Tp + n].tolist()
+        if R.finished[i]:
+            assert resp[-1] == tok.eos_token_id and tok.eos_token_id not in resp[:-1]
+        else:
+            assert n == 12 and tok.eos_token_id not in resp
+        assert (R.input_ids[i, Tp + n:] == tok.pad_token_id).all()
+        assert R.completions[i] == tok.decode(resp, skip_special_tokens=True)
+
+
+def test_eos_kept_in_response_when_pad_is_eos():
+    """The known bug: masking by `ids != pad_id` drops the final EOS when pad == EOS."""
+    model, tok = make_model(seed=5, eos_bias=3.0, pad_is_eos=True)
+    assert tok.pad_token_id == tok.eos_token_id
+    torch.manual_seed(1)
+    R = pm.sample_rollouts(model, tok, PROMPTS, 4, pm.PMDConfig(max_new_tokens=10, samples_per_prompt=4))
+    fin = R.finished.nonzero().flatten()
+    assert len(fin) > 0
+    for i in fin:
+        last = R.prompt_len + int(R.response_lengths[i]) - 1
+        assert R.input_ids[i, last] == tok.eos_token_id
+        assert R.response_mask[i, last] == 1 and R.attention_mask[i, last] == 1
+    # and the EOS log-prob is part of log π(y): the sum changes if we drop it
+    with torch.no_grad():
+        full = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+        cut = R.response_mask.clone()
+        for i in fin:
+            cut[i, R.prompt_len + int(R.response_lengths[i]) - 1] = 0
+        without = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, cut)
+    assert (full[fin] < without[fin]).all()
+
+
+def test_sample_rollouts_seeded_reproducible():
+    model, tok = make_model(seed=6, eos_bias=2.0)
+    cfg = pm.PMDConfig(max_new_tokens=8, samples_per_prompt=3, top_p=0.9)
+    torch.manual_seed(123); a = pm.sample_rollouts(model, tok, PROMPTS, 3, cfg)
+    torch.manual_seed(123); b = pm.sample_rollouts(model, tok, PROMPTS, 3, cfg)
+    torch.manual_seed(124); c = pm.sample_rollouts(model, tok, PROMPTS, 3, cfg)
+    assert torch.equal(a.input_ids, b.input_ids) and a.completions == b.completions
+    assert not torch.equal(a.input_ids[:, a.prompt_len:], c.input_ids[:, c.prompt_len:])
+
+
+def test_greedy_sampler_equals_hf_generate():
+    model, tok = make_model(seed=7, init=0.5)                              # peaked logits: no near-ties
+    R = pm.sample_rollouts(model, tok, PROMPTS, 2, pm.PMDConfig(max_new_tokens=10, samples_per_prompt=2,
+                                                                temperature=0.0))
+    enc = tok(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+    gen = ref[:, enc["input_ids"].shape[1]:]
+    assert len(set(gen[0].tolist())) > 1                                   # a non-trivial sequence
+    for i in range(len(PROMPTS)):
+        ours = R.input_ids[2 * i, R.prompt_len:R.prompt_len + int(R.response_lengths[2 * i])]
+        assert torch.equal(ours, gen[i, :len(ours)])
+    # sampling log-probs equal training log-probs: rerun the prompt through the model
+    with torch.no_grad():
+        lp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    assert torch.allclose(lp, naive_sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask),
+                          atol=1e-4)
+
+
+def test_sample_next_token_distribution_and_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0]).repeat(40000, 1)
+    torch.manual_seed(0)
+    draws = pm.sample_next_token(logits, 1.0, 1.0)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    p = logits[0].softmax(-1)
+    assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / len(draws)).sqrt().max())  # 4 sigma
+    # top-p 0.8: the nucleus is the smallest top set with mass ≥ 0.8 (here tokens 0, 1)
+    draws = pm.sample_next_token(logits, 1.0, 0.8)
+    assert set(draws.tolist()) == {0, 1}
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[0].item() == pytest.approx((p[0] / (p[0] + p[1])).item(), abs=0.01)
+    # temperature 0.5 sharpens: softmax(logits / 0.5)
+    draws = pm.sample_next_token(logits, 0.5, 1.0)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.01)
+
+
+# -----------------------------------------------------------------------------
+# Rewards
+
+REWARD_CASES = [
+    ("#### 18", "18", 1.0),
+    ("so she has 3 + 15 = 18 apples.\n#### 18", "18", 1.0),
+    ("\\boxed{18}", "18", 1.0),
+    ("The answer is $\\boxed{18}$.", "18", 1.0),
+    ("The answer is 18.", "18", 1.0),
+    ("The answer is: 18", "18", 1.0),
+    ("#### -7", "-7", 1.0),
+    ("#### -7", "7", 0.0),                                   # the minus sign must not be dropped
+    ("It drops by 7, so the change is \\boxed{-7}", "-7", 1.0),
+    ("The answer is −7.", "-7", 1.0),                        # unicode minus
+    ("12 - 5 = 7", "7", 1.0),                                # a subtraction is not a negative number
+    ("#### 1,234", "1234", 1.0),
+    ("#### 1234", "1,234", 1.0),
+    ("The total is $1,234,567.", "1234567", 1.0),
+    ("#### $18", "18", 1.0),
+    ("#### 18.00", "18", 1.0),
+    ("#### 18.5", "18", 0.0),
+    ("\\boxed{\\frac{3}{4}}", "3/4", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
+    ("#### 0.75", "3/4", 1.0),
+    ("#### 3/4", "0.75", 1.0),
+    ("She had 5 apples, ate 2, so 3 remain. The answer is 3.", "3", 1.0),
+    ("She had 5 apples, ate 2, so 3 remain. The answer is 3.", "5", 0.0),  # not the first number
+    ("First 10, then 20, finally 30", "30", 1.0),            # last number, not the first
+    ("First 10, then 20, finally 30", "10", 0.0),
+    ("\\boxed{10} wait, no: \\boxed{12}", "12", 1.0),        # the last boxed answer
+    ("#### 5\n#### 6", "6", 1.0),                            # the last #### line
+    ("I don't know", "18", 0.0),
+    ("", "18", 0.0),
+    ("#### 50%", "50", 1.0),
+    ("#### 007", "7", 1.0),
+    ("The answer is 4 dollars and 5 cents", "4", 1.0),       # the number right after "answer is"
+    ("46", "46", 1.0),                                       # the tiny model's bare answer
+    ("-46", "-46", 1.0),
+    ("#### .5", "1/2", 1.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", REWARD_CASES)
+def test_math_reward(completion, gold, expected):
+    assert pm.math_reward(completion, gold) == expected
+
+
+def test_extract_answer_tells_unparseable_apart():
+    assert pm.extract_answer("no number here") is None
+    assert pm.extract_answer("#### nothing") is None
+    assert pm.extract_answer("\\boxed{}") is None
+    assert pm.extract_answer("The answer is -1,234.50 dollars") == "-1234.50"
+
+
+@pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k not present")
+def test_gsm8k_reference_solutions_score_one():
+    """Every worked GSM8K solution, graded against its own '#### N', must score 1."""
+    rows = [json.loads(l) for l in (GSM8K / "test.jsonl").read_text().splitlines() if l.strip()]
+    assert len(rows) == 1319
+    golds = tm.load_jsonl(str(GSM8K / "test.jsonl"))
+    for row, g in zip(rows, golds):
+        assert pm.math_reward(row["answer"], g["answer"]) == 1.0
+        assert pm.math_reward(row["answer"], str(int(float(g["answer"])) + 1)) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# pmd_step
+
+
+def rollouts_for_step(seed=0):
+    model, tok = make_model(seed=seed, eos_bias=1.0, init=0.1)
+    torch.manual_seed(seed)
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, micro_batch_size=5, lr=1e-2)
+    R = pm.sample_rollouts(model, tok, PROMPTS, 4, cfg)
+    return model, tok, cfg, R
+
+
+def test_pmd_step_raises_above_baseline_and_lowers_below():
+    model, tok, cfg, R = rollouts_for_step()
+    rewards = torch.tensor([1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0], dtype=torch.float32)
+    with torch.no_grad():
+        before = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg.updates_per_batch = 1
+    m = pm.pmd_step(model, opt, R, rewards, cfg)
+    with torch.no_grad():
+        after = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    delta = after - before
+    A = (rewards.view(3, 4) - pm.compute_baseline(rewards.view(3, 4), cfg.tau, "mean", True)).flatten()
+    assert delta[A > 0].min() > 0 and delta[A < 0].max() < 0
+    # metrics against a naive recomputation
+    assert m["kl"] == pytest.approx((before - after).mean().item(), abs=1e-4)
+    assert m["lambda"] == pytest.approx(cfg.tau * m["kl"], abs=1e-9)
+    assert m["residual"] == pytest.approx((A / cfg.tau - delta).mean().item(), abs=1e-4)
+    assert m["reward"] == pytest.approx(0.5)
+    assert m["all_equal_share"] == 0.0
+    assert m["response_length"] == pytest.approx(R.response_lengths.float().mean().item())
+    assert m["truncated_share"] == pytest.approx(R.truncated.float().mean().item())
+
+
+def test_pmd_step_micro_batching_equals_full_batch_and_grpo_shares_the_path():
+    results = {}
+    for mb in (12, 5):
+        model, tok, cfg, R = rollouts_for_step(seed=1)
+        cfg.micro_batch_size = mb
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rewards = [1, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1]
+        pm.pmd_step(model, opt, R, rewards, cfg)
+        results[mb] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(results[12], results[5], atol=1e-6)
+    model, tok, cfg, R = rollouts_for_step(seed=1)
+    cfg.loss = "grpo"
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, rewards, cfg)
+    assert m["all_equal_share"] == pytest.approx(1 / 3) and math.isfinite(m["loss"])
+
+
+def test_pmd_step_stops_on_nan_before_touching_weights():
+    model, tok, cfg, R = rollouts_for_step(seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="update 1"):
+        pm.pmd_step(model, opt, R, [1.0, 0, 0, 0] * 3, cfg)
+    for p, q in zip(model.parameters(), snapshot):
+        assert torch.equal(p.detach(), q) or (torch.isnan(p).any() and torch.isnan(q).any())
+
+
+@pytest.mark.parametrize("kw", [dict(tau=0.0), dict(tau=-1.0), dict(samples_per_prompt=1),
+                                dict(max_new_tokens=0), dict(baseline="median"), dict(loss="ppo")])
+def test_config_rejects_bad_values(kw):
+    with pytest.raises(ValueError):
+        pm.PMDConfig(**kw)

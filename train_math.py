@@ -1,0 +1,557 @@
+"""
+train_math.py: PMD-mean on a small LLM, with the same functions as everything else in pmd_mean.py.
+
+    python train_math.py                                   # tiny offline model, built-in arithmetic
+    python train_math.py --model Qwen2.5-0.5B-Instruct --data ../shared/data/gsm8k/train.jsonl
+
+Per step: P prompts × K samples → `sample_rollouts` → `math_reward` → `pmd_step`. `--algo` switches
+between PMD-mean (default), PMD-part and GRPO on exactly that code path. Greedy accuracy (pass@1),
+pass@k and the unparseable share on held-out problems are measured before any update, every
+`--eval-every` steps, and at the end.
+
+`--model tiny` (the default) is a small Qwen2-architecture model with a byte-level tokenizer, built
+in code and warm-started by a short supervised phase on the training split of the arithmetic task,
+so that RL starts from a non-zero reward. It is cached on disk (`--fresh` rebuilds it).
+
+Outputs in `--out DIR`: metrics.jsonl (a line per step), eval.jsonl (a line per evaluation),
+training.png, run.json (the config), checkpoint/ (resumable with `--resume DIR`), final/ (the
+model, loadable with `AutoModelForCausalLM.from_pretrained`).
+
+Departures (beyond those listed at the top of pmd_mean.py):
+  1. The tiny model's warm start is supervised learning on the training split: the RL task is
+     then "get better at what you half know", as for a pretrained LLM on GSM8K.
+  2. pass@k is measured with n = k samples per problem (the plain "any of k is right").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pmd_mean import PMDConfig, math_reward, extract_answer, pmd_step, sample_rollouts
+
+SHORT_NAMES = {
+    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B",
+    "Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B",
+    "Qwen2.5-1.5B-Instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-Math-1.5B": "Qwen/Qwen2.5-Math-1.5B",
+}
+ALGOS = {  # --algo → (baseline, loss)
+    "pmd-mean": ("mean", "pmd"),
+    "pmd-part": ("partition", "pmd"),
+    "grpo": ("mean", "grpo"),
+}
+TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "tokens_per_s")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one sentence, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# Data: a built-in arithmetic task, or GSM8K-format JSONL
+
+
+def arithmetic_problem(rng: random.Random, digits: int) -> tuple[int, str, int]:
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    return a, rng.choice("+-"), b
+
+
+def is_held_out(a: int, op: str, b: int) -> bool:
+    """A fixed 10% of all problems, by a hash of the problem itself: never seen in training."""
+    return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
+
+
+def arithmetic_split(split: str, n: int, seed: int, digits: int) -> list[dict]:
+    """n problems {"question": "12+34=", "answer": "46"} of the given split, seeded and reproducible."""
+    rng, out = random.Random(f"{split}-{seed}"), []
+    while len(out) < n:
+        a, op, b = arithmetic_problem(rng, digits)
+        if is_held_out(a, op, b) == (split == "test"):
+            out.append({"question": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)})
+    return out
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """GSM8K format: one {"question", "answer"} object a line, the answer ending in '#### N'."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"data file {path} does not exist.")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"data file {path}, line {i}: not valid JSON.") from None
+            if not (isinstance(obj, dict) and isinstance(obj.get("question"), str)
+                    and isinstance(obj.get("answer"), str)):
+                raise UsageError(f"data file {path}, line {i}: expected an object with string "
+                                 f"'question' and 'answer' fields.")
+            gold = extract_answer(obj["answer"]) if "####" in obj["answer"] else None
+            if gold is None:
+                raise UsageError(f"data file {path}, line {i}: the answer has no '#### <number>' line.")
+            rows.append({"question": obj["question"], "answer": gold})
+    if not rows:
+        raise UsageError(f"data file {path} is empty.")
+    return rows
+
+
+def load_data(args) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) problems; the held-out ones never appear in training."""
+    if args.data == "arithmetic":
+        return (arithmetic_split("train", 20_000, args.seed, args.digits),
+                arithmetic_split("test", args.eval_problems, args.seed, args.digits))
+    if args.data == "gsm8k":
+        try:
+            import datasets
+            ds = datasets.load_dataset("openai/gsm8k", "main")
+        except Exception as e:  # ImportError, or no network
+            raise UsageError(f"--data gsm8k needs the `datasets` package and network access ({type(e).__name__}); "
+                             "pass a GSM8K JSONL path instead.") from None
+        conv = lambda split: [{"question": r["question"], "answer": extract_answer(r["answer"])} for r in ds[split]]
+        return conv("train"), conv("test")[: args.eval_problems]
+    train = load_jsonl(args.data)
+    if args.eval_data:
+        return train, load_jsonl(args.eval_data)[: args.eval_problems]
+    # No held-out file: a seeded 10% of this one, removed from training.
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    n_test = max(1, min(args.eval_problems, len(train) // 10))
+    if len(train) - n_test < 1:
+        raise UsageError(f"data file {args.data} has too few problems to hold some out; give --eval-data.")
+    return [train[i] for i in order[n_test:]], [train[i] for i in order[:n_test]]
+
+
+def make_prompt(question: str, tokenizer, kind: str) -> str:
+    """tiny: the bare equation. instruct: the chat template. base: a plain prompt asking for \\boxed{}."""
+    if kind == "tiny":
+        return question
+    ask = f"{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    if kind == "instruct":
+        return tokenizer.apply_chat_template([{"role": "user", "content": ask}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {ask}\nAnswer:"
+
+
+# -----------------------------------------------------------------------------
+# Models: the tiny offline model, or any causal LM by name
+
+
+def byte_tokenizer(pad_is_eos: bool = True):
+    """A byte-level tokenizer built in code (no download): 256 byte symbols + special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)                                             # 258 ids in all
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>" if pad_is_eos else "<|pad|>")
+
+
+def tiny_model(vocab_size: int, layers: int = 4, width: int = 128, seed: int = 0):
+    """A ~0.8M-parameter Qwen2: the real architecture, only smaller."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def greedy_accuracy(model, tokenizer, problems, kind, max_new_tokens, batch=256) -> float:
+    cfg = PMDConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    right = 0
+    for s in range(0, len(problems), batch):
+        chunk = problems[s:s + batch]
+        r = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], 1, cfg)
+        right += sum(math_reward(c, p["answer"]) for c, p in zip(r.completions, chunk))
+    return right / len(problems)
+
+
+def build_tiny(args, device) -> tuple:
+    """Build (or load from cache) the tiny model, warm-started by supervised learning."""
+    from transformers import AutoModelForCausalLM
+
+    key = f"d{args.digits}-s{args.warmup_steps}-seed{args.seed}"
+    path = Path(args.tiny_cache).expanduser() / key
+    tokenizer = byte_tokenizer()
+    if (path / "warmup.json").is_file() and not args.fresh:
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        info = json.loads((path / "warmup.json").read_text())
+        print(f"tiny model: loaded from {path} (warm-start accuracy {info['accuracy']:.1%})")
+        return model, tokenizer
+    print(f"tiny model: building and warm-starting for {args.warmup_steps} supervised steps "
+          f"(cached in {path}; --fresh rebuilds) ...")
+    model = tiny_model(len(tokenizer), seed=args.seed).to(device)
+    train = arithmetic_split("train", 20_000, args.seed, args.digits)
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    eos = tokenizer.eos_token
+    t0 = time.time()
+    for step in range(args.warmup_steps):
+        batch = rng.sample(train, 64)
+        q = tokenizer([p["question"] for p in batch], add_special_tokens=False)["input_ids"]
+        a = tokenizer([p["answer"] + eos for p in batch], add_special_tokens=False)["input_ids"]
+        T = max(len(x) + len(y) for x, y in zip(q, a))
+        ids = torch.zeros(64, T, dtype=torch.long)                         # (64, T) right-padded
+        labels = torch.full((64, T), -100, dtype=torch.long)               # loss only on answer tokens
+        for i, (x, y) in enumerate(zip(q, a)):
+            ids[i, :len(x) + len(y)] = torch.tensor(x + y)
+            labels[i, len(x):len(x) + len(y)] = torch.tensor(y)
+        attn = (labels != -100) | (torch.arange(T) < torch.tensor([len(x) for x in q]).unsqueeze(1))
+        lr = 3e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.warmup_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(input_ids=ids.to(device), attention_mask=attn.long().to(device),
+                     labels=labels.to(device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    acc = greedy_accuracy(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits), "tiny", 8)
+    print(f"tiny model: warm start done in {time.time() - t0:.0f}s, held-out greedy accuracy {acc:.1%}")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "warmup.json").write_text(json.dumps({"accuracy": acc, "steps": args.warmup_steps}))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return model, tokenizer
+
+
+def load_model(args, device, path: str | None = None) -> tuple:
+    """(model, tokenizer, prompt kind) for --model, or from `path` (a checkpoint) when given.
+
+    Raises UsageError with what was tried, and the ways out, when the model cannot be had.
+    """
+    if args.model == "tiny" and path is None:
+        return (*build_tiny(args, device), "tiny")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = path or SHORT_NAMES.get(args.model, args.model)
+    is_dir = Path(name).expanduser().is_dir()
+    dtype = torch.float32 if device == "cpu" or args.model == "tiny" else getattr(torch, args.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    except Exception as e:  # OSError (not found / offline), ValueError (not a causal LM), ...
+        where = f"the local directory {name}" if is_dir else f"the Hugging Face hub id {name!r} (local cache, then network)"
+        raise UsageError(
+            f"could not load model {args.model!r}: tried {where} and got {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}. Ways out: download it first where "
+            f"there is network (`hf download {name}`), pass a local directory with --model, "
+            f"or use --model tiny, which needs no download.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.model == "tiny":
+        return model, tokenizer, "tiny"
+    instruct = getattr(tokenizer, "chat_template", None) and "instruct" in str(args.model).lower()
+    return model, tokenizer, "instruct" if instruct else "base"
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy pass@1, pass@k, unparseable share on held-out problems
+
+
+def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) -> dict:
+    """Greedy pass@1 and pass@k (k samples, "any right") on held-out problems.
+
+    Runs under its own seeded RNG so that evaluating never changes the training run's samples.
+    """
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(args.seed + 1_000_003 * (step + 1))
+        prompts = [make_prompt(p["question"], tokenizer, kind) for p in problems]
+        greedy = dataclasses.replace(cfg, temperature=0.0)
+        k = cfg.samples_per_prompt
+        right, unparseable, any_right = 0, 0, 0
+        bs = max(1, args.eval_batch // k)
+        for s in range(0, len(problems), bs):
+            chunk, ps = problems[s:s + bs], prompts[s:s + bs]
+            g = sample_rollouts(model, tokenizer, ps, 1, greedy)
+            right += sum(math_reward(c, p["answer"]) for c, p in zip(g.completions, chunk))
+            unparseable += sum(extract_answer(c) is None for c in g.completions)
+            r = sample_rollouts(model, tokenizer, ps, k, cfg)
+            for i, p in enumerate(chunk):
+                any_right += any(math_reward(c, p["answer"]) for c in r.completions[i * k:(i + 1) * k])
+    n = len(problems)
+    return {"step": step, "accuracy": right / n, f"pass@{k}": any_right / n, "unparseable": unparseable / n}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed, so the last good one is never half-written
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, step: int) -> None:
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({
+        "step": step,                                # steps done; also the data position (step·P)
+        "optimizer": optimizer.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_numpy": np.random.get_state(),
+        "rng_python": random.getstate(),
+    }, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(ckpt: Path, optimizer) -> int:
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    np.random.set_state(state["rng_numpy"])
+    random.setstate(state["rng_python"])
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="tiny", help="tiny | a short name (" + ", ".join(SHORT_NAMES)
+                   + ") | a hub id | a local directory")
+    p.add_argument("--data", default="arithmetic", help="arithmetic | a GSM8K-format JSONL path | gsm8k (needs `datasets` and network)")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
+    p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
+    p.add_argument("--warmup-steps", type=int, default=1500, help="tiny model: supervised warm-start steps")
+    p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
+    p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
+    # the algorithm
+    p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | grpo")
+    p.add_argument("--tau", type=float, default=None, help="τ (default: PMDConfig.tau)")
+    p.add_argument("--samples-per-prompt", "-k", type=int, default=8, help="K samples per prompt")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step")
+    p.add_argument("--updates", type=int, default=None, help="optimizer steps per rollout batch")
+    p.add_argument("--no-leave-one-out", action="store_true", help="baseline includes the sample itself")
+    # optimisation and sampling
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4 tiny, 1e-6 otherwise)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default 8 tiny, 512 otherwise)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    # the run
+    p.add_argument("--steps", type=int, default=200, help="RL steps in all (a resumed run counts the earlier ones)")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
+    p.add_argument("--eval-problems", type=int, default=500, help="held-out problems per evaluation")
+    p.add_argument("--eval-batch", type=int, default=512, help="sequences per sampling batch in evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="write a checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds model init, data order and sampling")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype on CUDA")
+    p.add_argument("--out", default="runs/latest", help="output directory")
+    p.add_argument("--resume", default=None, help="continue the run in this output directory")
+    p.add_argument("--no-plot", action="store_true", help="skip training.png")
+    return p.parse_args(argv)
+
+
+def make_config(args) -> PMDConfig:
+    if args.algo not in ALGOS:
+        raise UsageError(f"unknown --algo {args.algo!r}: use one of {', '.join(ALGOS)}.")
+    baseline, loss = ALGOS[args.algo]
+    tiny = args.model == "tiny"
+    kw = dict(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
+              samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
+              lr=args.lr if args.lr is not None else (1e-4 if tiny else 1e-6),
+              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
+              grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed)
+    if args.tau is not None:
+        kw["tau"] = args.tau
+    if args.updates is not None:
+        kw["updates_per_batch"] = args.updates
+    if args.micro_batch is not None:
+        kw["micro_batch_size"] = args.micro_batch
+    try:
+        cfg = PMDConfig(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    return cfg
+
+
+def pick_device(want: str) -> str:
+    if want not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"unknown --device {want!r}: use auto, cuda or cpu.")
+    if want in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if want == "cuda":
+        print("notice: no CUDA device found; running on the CPU.", file=sys.stderr)
+    return "cpu"
+
+
+def plot(out: Path, metrics: list[dict], evals: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
+    steps = [m["step"] for m in metrics]
+    ax[0].plot(steps, [m["reward"] for m in metrics]); ax[0].set_title("mean reward (training samples)")
+    ax[1].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-"); ax[1].set_title("held-out greedy accuracy")
+    ax[2].plot(steps, [m["kl"] for m in metrics]); ax[2].set_title("KL(π_t ‖ π_θ) after the update")
+    ax[3].plot(steps, [m["lambda"] for m in metrics]); ax[3].set_title("implied χ² weight λ = τ·KL")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(args) -> int:
+    resume = Path(args.resume) if args.resume else None
+    if resume:
+        if not (resume / "checkpoint" / "state.pt").is_file() or not (resume / "run.json").is_file():
+            raise UsageError(f"--resume {resume}: no checkpoint found there.")
+        saved = json.loads((resume / "run.json").read_text())["args"]
+        keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
+        args = argparse.Namespace(**{**saved, **keep, "out": str(resume)})
+    cfg = make_config(args)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    train_set, test_set = load_data(args)                                  # bad data ends here, before any file
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("ok")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output directory {out} ({e.strerror}).") from None
+    model, tokenizer, kind = load_model(args, device, str(resume / "checkpoint") if resume else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0,
+                                  fused=device == "cuda")
+    start = load_checkpoint(resume / "checkpoint", optimizer) if resume else 0
+    (out / "run.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                                              "config": dataclasses.asdict(cfg), "device": device}, indent=1))
+    metrics_f = (out / "metrics.jsonl").open("a" if resume else "w")
+    eval_f = (out / "eval.jsonl").open("a" if resume else "w")
+    P, K = args.prompts_per_step, cfg.samples_per_prompt
+    order = list(range(len(train_set)))
+    random.Random(args.seed).shuffle(order)                                # the data order, fixed by the seed
+
+    def log_eval(step):
+        e = evaluate(model, tokenizer, test_set, kind, cfg, args, step)
+        eval_f.write(json.dumps(e) + "\n"); eval_f.flush()
+        return e
+
+    # Ctrl-C: finish the step in progress, write a checkpoint, exit. A second Ctrl-C stops at once.
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        tqdm.write("interrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)")
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    last_eval = log_eval(start) if start == 0 else None
+    if last_eval:
+        tqdm.write(f"step {start}: held-out accuracy {last_eval['accuracy']:.1%}, pass@{K} {last_eval[f'pass@{K}']:.1%}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, dynamic_ncols=True, disable=None)
+    try:
+        for step in bar:
+            # data position: step·P into the seeded order (so resuming needs only the step)
+            batch = [train_set[order[(step * P + i) % len(order)]] for i in range(P)]
+            prompts = [make_prompt(p["question"], tokenizer, kind) for p in batch]
+
+            t0 = time.perf_counter()
+            rollouts = sample_rollouts(model, tokenizer, prompts, K, cfg)  # B = P·K rollouts
+            t_sample = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rewards = [math_reward(c, batch[i // K]["answer"]) for i, c in enumerate(rollouts.completions)]  # B
+            t_score = time.perf_counter() - t0
+            try:
+                m = pmd_step(model, optimizer, rollouts, rewards, cfg)
+            except FloatingPointError as e:
+                print(f"\nerror: training stopped at step {step + 1}: {e}. The last good checkpoint "
+                      f"is in {out / 'checkpoint'}.", file=sys.stderr)
+                return 1
+            n_tok = int(rollouts.response_lengths.sum())
+            m = {"step": step + 1, **m, "time_sampling": t_sample, "time_scoring": t_score,
+                 "tokens_per_s": n_tok / max(t_sample, 1e-9),
+                 "unparseable": sum(extract_answer(c) is None for c in rollouts.completions) / len(rewards)}
+            metrics_f.write(json.dumps(m) + "\n"); metrics_f.flush()
+            done = step + 1
+            if done % args.eval_every == 0 or done == args.steps:
+                last_eval = log_eval(done)
+                tqdm.write(f"step {done}: held-out accuracy {last_eval['accuracy']:.1%}, "
+                           f"pass@{K} {last_eval[f'pass@{K}']:.1%}, reward {m['reward']:.2f}, KL {m['kl']:.4f}")
+            if done % args.checkpoint_every == 0 or done == args.steps or stop["asked"]:
+                save_checkpoint(out, model, tokenizer, optimizer, done)
+            bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{last_eval['accuracy']:.2f}" if last_eval else "-",
+                            kl=f"{m['kl']:.3f}")
+            if stop["asked"]:
+                print(f"interrupted: checkpoint of {done} steps written to {out / 'checkpoint'}; "
+                      f"continue with --resume {out}", file=sys.stderr)
+                return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+        metrics_f.close()
+        eval_f.close()
+
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
+    if not args.no_plot:
+        plot(out, metrics, evals)
+    first, last = evals[0], evals[-1]
+    print(f"held-out accuracy {first['accuracy']:.1%} (step {first['step']}) → {last['accuracy']:.1%} "
+          f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}; outputs in {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()                      # no "Loading weights" bars
+    try:
+        return train(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
