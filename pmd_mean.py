@@ -389,10 +389,8 @@ def sample_rollouts(model, tokenizer, prompts: list[str], k: int, cfg: PMDConfig
     every 16 steps, since each check is a GPU→CPU synchronisation.
     """
     device = next(model.parameters()).device
-    was_training, had_ckpt = model.training, _is_checkpointing(model)
-    model.eval()
-    if had_ckpt:
-        model.gradient_checkpointing_disable()                             # checkpointing forbids the cache
+    was_training = model.training
+    model.eval()                    # eval mode: dropout off, and HF skips gradient checkpointing, so the KV cache works
     eos = torch.tensor(_eos_ids(model, tokenizer), device=device)          # (n_eos,)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
 
@@ -442,10 +440,7 @@ def sample_rollouts(model, tokenizer, prompts: list[str], k: int, cfg: PMDConfig
                                resp_mask.long()], dim=1)                   # (B, T)
     completions = tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens.cpu(), lengths.cpu())],
                                          skip_special_tokens=True)
-    if was_training:
-        model.train()
-    if had_ckpt:
-        model.gradient_checkpointing_enable()
+    model.train(was_training)
     return Rollouts(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                     response_lengths=lengths, finished=finished, truncated=~finished,
                     completions=completions, prompt_len=Tp)
@@ -593,7 +588,8 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    if cfg.grad_checkpointing:
+    if cfg.grad_checkpointing and not _is_checkpointing(model):
+        # switched on once and left on: it only acts in train mode, so sampling (eval mode) keeps its cache
         model.gradient_checkpointing_enable()
     losses, grad_norms = [], []
     for update in range(cfg.updates_per_batch):
@@ -620,8 +616,6 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
         optimizer.step()
         losses.append(float(total))
         grad_norms.append(float(grad_norm))
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_disable()
     _sync(device)
     t_update = time.perf_counter() - t0
 

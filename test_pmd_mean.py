@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import pmd_mean as pm
+import toy_bandit as tb
 import train_math as tm
 
 torch.set_num_threads(2)
@@ -512,3 +513,217 @@ def test_pmd_step_stops_on_nan_before_touching_weights():
 def test_config_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         pm.PMDConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# toy_bandit.py: the paper's closed forms against independent references
+
+
+def _cases():
+    """(π_t, r) pairs: the script's bandit, and random ones with graded and with binary rewards."""
+    rng = np.random.default_rng(0)
+    cases = [(tb.PI_T, tb.R_GRADED), (tb.PI_T, tb.R_BINARY)]
+    for n in (2, 5, 12):
+        pi = rng.dirichlet(np.ones(n))
+        cases.append((pi, rng.uniform(0, 1, n)))
+        cases.append((pi, (rng.uniform(0, 1, n) < 0.3).astype(float)))
+    return [(p, r) for p, r in cases if np.ptp(r) > 0]
+
+
+TAUS = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
+
+
+# -----------------------------------------------------------------------------
+# Lambert W
+
+
+def test_lambert_w_inverts_over_many_orders_of_magnitude():
+    x = np.logspace(-300, 300, 601)                                        # (601,)
+    w = tb.lambert_w(x)
+    # w·e^w = x, checked in log space (w + log w = log x) so nothing overflows
+    np.testing.assert_allclose(w + np.log(w), np.log(x), rtol=1e-14, atol=1e-14)
+    # directly too; e^w amplifies w's rounding by w (up to ~690 here), hence the looser rtol
+    np.testing.assert_allclose(w * np.exp(w), x, rtol=1e-12)
+    # the negative part of the principal branch, down to the branch point
+    xn = np.linspace(-1 / math.e, 0, 201)
+    wn = tb.lambert_w(xn)
+    assert np.all(wn >= -1 - 1e-7)
+    np.testing.assert_allclose(wn * np.exp(wn), xn, atol=1e-13)
+    # known values: the omega constant, W(e) = 1, W(0) = 0, W(−1/e) = −1, below −1/e undefined
+    vals = tb.lambert_w(np.array([1.0, math.e, 0.0, -1 / math.e, -0.5]))
+    np.testing.assert_allclose(vals[:4], [0.5671432904097838, 1.0, 0.0, -1.0], atol=1e-7)
+    assert np.isnan(vals[4])
+
+
+def test_lambert_w_of_exp_is_stable_for_huge_arguments():
+    z = np.array([-1e3, -50.0, 0.0, 1.0, 50.0, 1e3, 1e5, 1e8])             # x = e^z overflows past ~709
+    s = tb._log_w_of_exp(z)
+    # s = log W(e^z) solves e^s + s = z
+    np.testing.assert_allclose(np.exp(s) + s, z, rtol=1e-14, atol=1e-15)
+
+
+def test_lambert_w_accepts_tensors():
+    x = torch.tensor([0.5, 2.0, 1e10], dtype=torch.float64)
+    w = tb.lambert_w(x)
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.float64
+    np.testing.assert_allclose((w * w.exp()).numpy(), x.numpy(), rtol=1e-13)
+
+
+# -----------------------------------------------------------------------------
+# The closed forms
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_population_update_normalised_and_stationary(tau):
+    for pi, r in _cases():
+        new, lam = tb.pmd_mean_population_update(pi, r, tau)
+        assert lam > 0
+        assert abs(new.sum() - 1) < 1e-12
+        assert np.all(new >= 0)
+        # stationarity (S): τ·log u + λ·u = r − r̄, from the log-space ratio (u can underflow)
+        log_u, lam2 = tb._pmd_mean_log_u(pi, r, tau)
+        assert lam2 == lam
+        np.testing.assert_allclose(tau * log_u + lam * np.exp(log_u), r - pi @ r, atol=1e-11)
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_population_update_is_the_kl_chi2_step(tau):
+    rng = np.random.default_rng(1)
+    for pi, r in _cases():
+        new, lam = tb.pmd_mean_population_update(pi, r, tau)
+        ref = tb.kl_chi2_update(pi, r, tau, lam)                           # no Lambert W inside
+        np.testing.assert_allclose(new, ref, atol=1e-11)
+        # and it really is the maximiser: no nearby point of the simplex does better
+        best = tb.kl_chi2_objective(new, pi, r, tau, lam)
+        for eps in (1e-4, 1e-2, 0.2):
+            for _ in range(20):
+                other = (1 - eps) * new + eps * rng.dirichlet(np.ones(len(pi)))
+                assert tb.kl_chi2_objective(other, pi, r, tau, lam) <= best + 1e-12
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_lambda_is_tau_times_kl(tau):
+    for pi, r in _cases():
+        new, lam = tb.pmd_mean_population_update(pi, r, tau)
+        tkl = tau * np.sum(pi * (np.log(pi) - np.log(new)))
+        assert lam == pytest.approx(tkl, rel=1e-9)
+
+
+def test_population_update_minimises_the_regression_objective():
+    """Brute force on two arms: minimise E_{π_t}[(r − r̄ − τ·log(π/π_t))²] over p′ by golden section."""
+    for tau in (1.0, 0.1, 0.02):
+        for p in (0.01, 0.2, 0.7):
+            pi, r = np.array([p, 1 - p]), np.array([1.0, 0.0])
+            rbar = p
+
+            def f(logit):
+                # log q and log(1 − q) for q = sigmoid(logit), without forming 1 − q
+                log_q, log_1mq = -np.logaddexp(0, -logit), -np.logaddexp(0, logit)
+                return (p * (1 - rbar - tau * (log_q - math.log(p))) ** 2
+                        + (1 - p) * (0 - rbar - tau * (log_1mq - math.log(1 - p))) ** 2)
+
+            lo, hi = -40.0, 40.0
+            g = (math.sqrt(5) - 1) / 2
+            for _ in range(200):
+                a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+                if f(a) < f(b):
+                    hi = b
+                else:
+                    lo = a
+            q_ref = 1 / (1 + math.exp(-(lo + hi) / 2))
+            new, _ = tb.pmd_mean_population_update(pi, r, tau)
+            assert new[0] == pytest.approx(q_ref, abs=1e-7)
+
+
+def test_exact_pmd_against_direct_formula_and_small_tau():
+    pi, r = tb.PI_T, tb.R_GRADED
+    for tau in (2.0, 0.5):
+        direct = pi * np.exp(r / tau) / np.sum(pi * np.exp(r / tau))
+        np.testing.assert_allclose(tb.pmd_exact_update(pi, r, tau), direct, rtol=1e-13)
+    tiny = tb.pmd_exact_update(pi, r, 1e-4)                                # e^{1/τ} would overflow
+    assert np.all(np.isfinite(tiny)) and tiny[0] == pytest.approx(1.0)
+
+
+def test_large_tau_both_updates_agree():
+    pi, r = tb.PI_T, tb.R_GRADED
+    ratios = []
+    for tau in (10.0, 100.0, 1000.0):
+        exact = tb.pmd_exact_update(pi, r, tau)
+        mean, _ = tb.pmd_mean_population_update(pi, r, tau)
+        move = tb.tv(exact, pi)                                            # O(1/τ)
+        gap = tb.tv(exact, mean)                                           # O(1/τ²)
+        ratios.append(gap / move)
+    assert ratios[2] < 1e-3
+    # relative to the step itself, the gap shrinks like 1/τ
+    assert ratios[0] > 5 * ratios[1] > 25 * ratios[2]
+
+
+def test_constant_rewards_leave_policy_unchanged():
+    new, lam = tb.pmd_mean_population_update(tb.PI_T, np.full(6, 0.4), 0.1)
+    assert lam == 0.0
+    np.testing.assert_allclose(new, tb.PI_T)
+
+
+def test_binary_pmd_mean_never_beats_exact_pmd():
+    for tau in (10.0, 1.0, 0.3, 0.1, 0.03, 0.01):
+        for p in np.logspace(-4, math.log10(0.999), 40):
+            pe, pm, lam = tb.binary_update(p, tau)
+            assert p <= pm <= pe + 1e-12
+            assert lam > 0
+
+
+def test_binary_numbers_from_the_independent_derivation():
+    # τ = 0.1: p = 0.01 → 0.9955 vs 0.260; p = 0.1 → 0.9996 vs 0.746; p = 0.5 → 1.0 vs 0.997
+    for p, pe_ref, pm_ref in ((0.01, 0.9955, 0.260), (0.1, 0.9996, 0.746), (0.5, 1.0, 0.997)):
+        pe, pm, _ = tb.binary_update(p, 0.1)
+        assert pe == pytest.approx(pe_ref, abs=5e-5)
+        assert pm == pytest.approx(pm_ref, abs=5e-4)
+
+
+def test_tensor_in_tensor_out():
+    pi, r = torch.tensor(tb.PI_T), torch.tensor(tb.R_GRADED)
+    new, lam = tb.pmd_mean_population_update(pi, r, 0.1)
+    assert isinstance(new, torch.Tensor)
+    np.testing.assert_allclose(new.numpy(), tb.pmd_mean_population_update(tb.PI_T, tb.R_GRADED, 0.1)[0])
+    assert isinstance(tb.pmd_exact_update(pi, r, 0.1), torch.Tensor)
+    assert isinstance(tb.kl_chi2_update(pi, r, 0.1, lam), torch.Tensor)
+
+
+# -----------------------------------------------------------------------------
+# The real loss
+
+
+def test_lengths_as_weights_give_the_expected_loss():
+    """The trick in fit_exact_expectation: lengths 1/(N·π_t) turn pmd_loss's mean into E_{π_t}."""
+    rng = np.random.default_rng(2)
+    pi = torch.tensor(rng.dirichlet(np.ones(7)))
+    logp, logp_old, adv = (torch.tensor(rng.normal(size=7)) for _ in range(3))
+    one = torch.ones(1, dtype=torch.float64)
+    expected = sum(pi[i] * pm.pmd_loss(logp[i:i + 1], logp_old[i:i + 1], adv[i:i + 1], 0.3, one)
+                   for i in range(7))
+    got = pm.pmd_loss(logp, logp_old, adv, 0.3, 1.0 / (7 * pi))
+    assert float(got) == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", (1.0, 0.1, 0.01))
+def test_gradient_descent_on_pmd_loss_lands_on_closed_form(tau):
+    rng = np.random.default_rng(3)
+    cases = [(tb.PI_T, tb.R_GRADED), (rng.dirichlet(np.ones(5) * 2), rng.uniform(0, 1, 5))]
+    for pi, r in cases:
+        fit = tb.fit_exact_expectation(pi, r, tau, "mean")
+        assert tb.tv(fit, tb.pmd_mean_population_update(pi, r, tau)[0]) < 1e-4
+        fit = tb.fit_exact_expectation(pi, r, tau, "partition")
+        assert tb.tv(fit, tb.pmd_exact_update(pi, r, tau)) < 1e-4
+
+
+def test_sampled_fit_approaches_population_target_with_many_samples():
+    gen = torch.Generator().manual_seed(0)
+    pis = np.tile(tb.PI_T, (32, 1))                                        # (S, N)
+    target = tb.pmd_mean_population_update(tb.PI_T, tb.R_GRADED, 1.0)[0]
+    errs = {}
+    for K in (4, 256):
+        fit, b, idx = tb.fit_sampled(pis, tb.R_GRADED, 1.0, "mean", K, gen)
+        assert fit.shape == (32, 6) and b.shape == idx.shape == (32, K)
+        np.testing.assert_allclose(fit.sum(1), 1.0)
+        errs[K] = tb.tv(fit, target).mean()
+    assert errs[256] < 0.02 < errs[4]

@@ -67,9 +67,9 @@ class UsageError(Exception):
 # Data: a built-in arithmetic task, or GSM8K-format JSONL
 
 
-def arithmetic_problem(rng: random.Random, digits: int) -> tuple[int, str, int]:
+def arithmetic_problem(rng: random.Random, digits: int, ops: str) -> tuple[int, str, int]:
     a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
-    return a, rng.choice("+-"), b
+    return a, rng.choice(ops), b
 
 
 def is_held_out(a: int, op: str, b: int) -> bool:
@@ -77,11 +77,14 @@ def is_held_out(a: int, op: str, b: int) -> bool:
     return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
 
 
-def arithmetic_split(split: str, n: int, seed: int, digits: int) -> list[dict]:
-    """n problems {"question": "12+34=", "answer": "46"} of the given split, seeded and reproducible."""
+def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+") -> list[dict]:
+    """n problems {"question": "12+34=", "answer": "46"} of the given split, seeded and reproducible.
+
+    Difficulty: `digits` per operand and the operators `ops` ("+", "-", "+-"); "-" can give negatives.
+    """
     rng, out = random.Random(f"{split}-{seed}"), []
     while len(out) < n:
-        a, op, b = arithmetic_problem(rng, digits)
+        a, op, b = arithmetic_problem(rng, digits, ops)
         if is_held_out(a, op, b) == (split == "test"):
             out.append({"question": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)})
     return out
@@ -117,8 +120,8 @@ def load_jsonl(path: str) -> list[dict]:
 def load_data(args) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems; the held-out ones never appear in training."""
     if args.data == "arithmetic":
-        return (arithmetic_split("train", 20_000, args.seed, args.digits),
-                arithmetic_split("test", args.eval_problems, args.seed, args.digits))
+        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
+                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops))
     if args.data == "gsm8k":
         try:
             import datasets
@@ -196,7 +199,7 @@ def build_tiny(args, device) -> tuple:
     """Build (or load from cache) the tiny model, warm-started by supervised learning."""
     from transformers import AutoModelForCausalLM
 
-    key = f"d{args.digits}-s{args.warmup_steps}-seed{args.seed}"
+    key = f"d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}-s{args.warmup_steps}-seed{args.seed}"
     path = Path(args.tiny_cache).expanduser() / key
     tokenizer = byte_tokenizer()
     if (path / "warmup.json").is_file() and not args.fresh:
@@ -207,7 +210,7 @@ def build_tiny(args, device) -> tuple:
     print(f"tiny model: building and warm-starting for {args.warmup_steps} supervised steps "
           f"(cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
-    train = arithmetic_split("train", 20_000, args.seed, args.digits)
+    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops)
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     eos = tokenizer.eos_token
@@ -231,7 +234,7 @@ def build_tiny(args, device) -> tuple:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    acc = greedy_accuracy(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits), "tiny", 8)
+    acc = greedy_accuracy(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops), "tiny", 8)
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, held-out greedy accuracy {acc:.1%}")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -346,6 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="arithmetic", help="arithmetic | a GSM8K-format JSONL path | gsm8k (needs `datasets` and network)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
+    p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +- (minus can give negatives)")
     p.add_argument("--warmup-steps", type=int, default=1500, help="tiny model: supervised warm-start steps")
     p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
@@ -397,6 +401,8 @@ def make_config(args) -> PMDConfig:
         cfg = PMDConfig(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.ops == "" or set(args.ops) - set("+-"):
+        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
     for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
