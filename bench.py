@@ -166,7 +166,8 @@ def naive_update(model, optimizer, rollouts, logp_old, adv, cfg: PMDConfig, upda
     lengths = R.response_lengths.clamp(min=1).float()                      # (B,)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    model.activation_checkpointing_enable()
+    # transformers ≥ 5.2x calls it activation checkpointing; older releases, gradient checkpointing
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     for _ in range(updates):
         optimizer.zero_grad(set_to_none=True)
         for s in range(0, B, mb):
@@ -177,7 +178,7 @@ def naive_update(model, optimizer, rollouts, logp_old, adv, cfg: PMDConfig, upda
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-    model.activation_checkpointing_disable()
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 # -----------------------------------------------------------------------------

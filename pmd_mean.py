@@ -159,9 +159,9 @@ class PMDConfig:
 
     # --- numerics
     dtype: str = "bfloat16"
-    """Model dtype on CUDA ("bfloat16" or "float32"); CPU always runs float32."""
+    """Dtype the scripts load the model in on CUDA; CPU always runs float32."""
     seed: int = 0
-    """Seeds sampling and data order."""
+    """Seed the scripts give torch (sampling) and the data order."""
 
     def __post_init__(self):
         # Bad values end with one clear sentence (the scripts turn ValueError into exit code 2).
@@ -197,17 +197,14 @@ def compute_baseline(rewards: torch.Tensor, tau: float, kind: str = "mean",
     if leave_one_out and K < 2:
         raise ValueError("a leave-one-out baseline needs K >= 2 samples per prompt")
     r = rewards.double()                                                   # (P, K), float64 for small τ
+    r_rows = r.unsqueeze(1).expand(P, K, K)                                # (P, K, K): [p, i, j] = r_pj
+    # Row i of the (K, K) matrix `others` selects the samples S_i in sample i's baseline: j ≠ i for
+    # leave-one-out. We sum over the selection instead of computing (Σ_j r_j − r_i): inside a
+    # log-sum-exp the subtraction overflows for small τ (e^{1/0.01}), and inf − inf = nan.
+    others = torch.ones(K, K, dtype=torch.bool, device=r.device)          # (K, K)
     if leave_one_out:
-        # Row i of the (K, K) matrix `others` selects j ≠ i. We sum over the selection instead of
-        # computing (Σ_j r_j − r_i): the subtraction cancels catastrophically inside a log-sum-exp
-        # when τ is small (e^{1/0.01} overflows, and inf − inf = nan).
-        others = ~torch.eye(K, dtype=torch.bool, device=r.device)         # (K, K)
-        r_rows = r.unsqueeze(1).expand(P, K, K)                            # (P, K, K): [p, i, j] = r_pj
-        n = K - 1
-    else:
-        others = torch.ones(K, K, dtype=torch.bool, device=r.device)      # (K, K)
-        r_rows = r.unsqueeze(1).expand(P, K, K)                            # (P, K, K)
-        n = K
+        others &= ~torch.eye(K, dtype=torch.bool, device=r.device)
+    n = K - 1 if leave_one_out else K                                      # |S_i|
     if kind == "mean":
         # b_i = (1/n)·Σ_{j ∈ S_i} r_j                                      (PMD-mean)
         b = (r_rows * others).sum(-1) / n                                  # (P, K)

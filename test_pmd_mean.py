@@ -727,3 +727,145 @@ def test_sampled_fit_approaches_population_target_with_many_samples():
         np.testing.assert_allclose(fit.sum(1), 1.0)
         errs[K] = tb.tv(fit, target).mean()
     assert errs[256] < 0.02 < errs[4]
+
+
+# -----------------------------------------------------------------------------
+# train_math.py: the script end to end (tiny model, few steps), resume, bad input
+
+SMOKE = ["--warmup-steps", "40", "--steps", "3", "--eval-every", "2", "--eval-problems", "16",
+         "--prompts-per-step", "4", "-k", "4", "--device", "cpu", "--checkpoint-every", "1"]
+TIMING = set(tm.TIMING_KEYS)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny_cache"))
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def test_arithmetic_splits_never_overlap_and_are_correct():
+    train = tm.arithmetic_split("train", 5000, 0, 2, "+-")
+    test = tm.arithmetic_split("test", 500, 0, 2, "+-")
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert len({p["question"] for p in test}) > 400                       # many distinct problems
+    for p in train[:200] + test:
+        assert int(eval(p["question"].rstrip("="))) == int(p["answer"])   # the answer is right
+    assert any(int(p["answer"]) < 0 for p in test)                        # "-" gives negatives
+    assert tm.arithmetic_split("test", 50, 0, 2) == tm.arithmetic_split("test", 50, 0, 2)  # seeded
+
+
+@pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="../shared/data/gsm8k not present")
+def test_load_real_gsm8k_jsonl():
+    rows = tm.load_jsonl(str(GSM8K / "train.jsonl"))
+    assert len(rows) == 7473
+    assert rows[0]["answer"] == "72"                                      # Natalia's clips: 48 + 24
+    assert all(pm._to_fraction(r["answer"]) is not None for r in rows)
+
+
+def test_train_math_smoke_run_writes_everything(tmp_path, tiny_cache):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "train_math.py", *SMOKE, "--tiny-cache", tiny_cache, "--out", str(out)],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "warm-start" in p.stdout or "warm start" in p.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    need = {"loss", "reward", "all_equal_share", "residual", "kl", "lambda", "grad_norm", "response_length",
+            "truncated_share", "unparseable"} | TIMING
+    assert need <= set(metrics[0])
+    assert all(0 <= m["reward"] <= 1 and math.isfinite(m["loss"]) for m in metrics)
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3]                          # before any update, every 2, end
+    for e in evals:
+        assert {"accuracy", "pass@4", "unparseable"} <= set(e)
+        assert 0 <= e["accuracy"] <= 1 and 0 <= e["pass@4"] <= 1 and 0 <= e["unparseable"] <= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["tau"] == pm.PMDConfig().tau and run["config"]["samples_per_prompt"] == 4
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = AutoModelForCausalLM.from_pretrained(out / "final")            # a real HF model
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert tok.decode(tok("12+34=")["input_ids"]) == "12+34="
+    assert model.config.model_type == "qwen2"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys):
+    base = SMOKE + ["--tiny-cache", tiny_cache, "--no-plot"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert tm.main(base + ["--steps", "4", "--out", str(full)]) == 0
+    assert tm.main(base + ["--steps", "2", "--out", str(half)]) == 0
+    assert tm.main(["--resume", str(half), "--steps", "4", "--no-plot"]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    a, b = strip(read_jsonl(full / "metrics.jsonl")), strip(read_jsonl(half / "metrics.jsonl"))
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert a == b
+    assert read_jsonl(full / "eval.jsonl") == read_jsonl(half / "eval.jsonl")
+
+
+def test_nan_stops_training_naming_the_step_and_keeps_last_checkpoint(tmp_path, tiny_cache, capsys, monkeypatch):
+    calls = {"n": 0}
+    real = tm.pmd_step
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FloatingPointError("non-finite loss or gradient at update 1 (loss nan, grad norm nan)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tm, "pmd_step", flaky)
+    out = tmp_path / "nan"
+    assert tm.main(SMOKE + ["--tiny-cache", tiny_cache, "--steps", "5", "--out", str(out), "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert "step 3" in err and "Traceback" not in err
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint")               # intact, loadable
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model", "no-such-org/no-such-model-xyz"], "--model tiny"),
+    "unknown algo": (["--algo", "ppo"], "--algo"),
+    "tau zero": (["--tau", "0"], "tau"),
+    "tau negative": (["--tau", "-0.5"], "tau"),
+    "one sample": (["-k", "1"], "samples_per_prompt"),
+    "no new tokens": (["--max-new-tokens", "0"], "max_new_tokens"),
+    "missing data": (["--data", "{tmp}/nope.jsonl"], "does not exist"),
+    "empty data": (["--data", "{tmp}/empty.jsonl"], "is empty"),
+    "malformed data": (["--data", "{tmp}/bad.jsonl"], "line 2"),
+    "answer without ####": (["--data", "{tmp}/nohash.jsonl"], "line 1"),
+    "unwritable out": (["--out", "{tmp}/a_file/run"], "cannot write"),
+    "resume nothing": (["--resume", "{tmp}/nothing"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_sentence(case, tmp_path, tiny_cache, capsys):
+    write(tmp_path / "empty.jsonl", "\n")
+    write(tmp_path / "bad.jsonl", '{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
+    write(tmp_path / "nohash.jsonl", '{"question": "1+1?", "answer": "2"}\n')
+    write(tmp_path / "a_file", "x")
+    argv, needle = BAD_INPUTS[case]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = tmp_path / "out"
+    if "--out" not in argv:
+        argv = argv + ["--out", str(out)]
+    assert tm.main(SMOKE + ["--tiny-cache", tiny_cache] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()                                               # nothing half-written
+
+
+def test_bad_input_as_a_process_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "train_math.py", "--tau", "0", "--out", str(tmp_path / "o")],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:")

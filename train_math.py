@@ -195,11 +195,37 @@ def greedy_accuracy(model, tokenizer, problems, kind, max_new_tokens, batch=256)
     return right / len(problems)
 
 
+def warm_start(model, tokenizer, train: list[dict], steps: int, seed: int, device, batch: int = 64,
+               lr: float = 1e-3) -> None:
+    """Supervised warm start: next-token prediction on whole "12+34=46<eos>" sequences.
+
+    Chosen by experiment (CPU, seed 0): with the loss on every token and a constant learning rate,
+    accuracy climbs smoothly enough to stop part-way (1750 steps: about a third right) at a point
+    from which RL improves. With the loss on answer tokens only and a cosine schedule, the model
+    jumps from 10% to 90% within a few hundred steps, and RL from a stop part-way made it worse.
+    """
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        texts = [p["question"] + p["answer"] + tokenizer.eos_token for p in rng.sample(train, batch)]
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)       # (batch, T)
+        labels = ids.masked_fill(attn == 0, -100)                          # no loss on padding
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100)                      # linear warm-up, then constant
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def build_tiny(args, device) -> tuple:
     """Build (or load from cache) the tiny model, warm-started by supervised learning."""
     from transformers import AutoModelForCausalLM
 
-    key = f"d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}-s{args.warmup_steps}-seed{args.seed}"
+    key = f"v2-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}-s{args.warmup_steps}-seed{args.seed}"
     path = Path(args.tiny_cache).expanduser() / key
     tokenizer = byte_tokenizer()
     if (path / "warmup.json").is_file() and not args.fresh:
@@ -210,30 +236,9 @@ def build_tiny(args, device) -> tuple:
     print(f"tiny model: building and warm-starting for {args.warmup_steps} supervised steps "
           f"(cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
-    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops)
-    rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    eos = tokenizer.eos_token
     t0 = time.time()
-    for step in range(args.warmup_steps):
-        batch = rng.sample(train, 64)
-        q = tokenizer([p["question"] for p in batch], add_special_tokens=False)["input_ids"]
-        a = tokenizer([p["answer"] + eos for p in batch], add_special_tokens=False)["input_ids"]
-        T = max(len(x) + len(y) for x, y in zip(q, a))
-        ids = torch.zeros(64, T, dtype=torch.long)                         # (64, T) right-padded
-        labels = torch.full((64, T), -100, dtype=torch.long)               # loss only on answer tokens
-        for i, (x, y) in enumerate(zip(q, a)):
-            ids[i, :len(x) + len(y)] = torch.tensor(x + y)
-            labels[i, len(x):len(x) + len(y)] = torch.tensor(y)
-        attn = (labels != -100) | (torch.arange(T) < torch.tensor([len(x) for x in q]).unsqueeze(1))
-        lr = 3e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.warmup_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = model(input_ids=ids.to(device), attention_mask=attn.long().to(device),
-                     labels=labels.to(device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    warm_start(model, tokenizer, arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
+               args.warmup_steps, args.seed, device)
     acc = greedy_accuracy(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops), "tiny", 8)
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, held-out greedy accuracy {acc:.1%}")
     tmp = path.with_name(path.name + ".tmp")
@@ -350,7 +355,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +- (minus can give negatives)")
-    p.add_argument("--warmup-steps", type=int, default=1500, help="tiny model: supervised warm-start steps")
+    p.add_argument("--warmup-steps", type=int, default=1750, help="tiny model: supervised warm-start steps")
     p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
@@ -362,6 +367,7 @@ def parse_args(argv=None):
     p.add_argument("--no-leave-one-out", action="store_true", help="baseline includes the sample itself")
     # optimisation and sampling
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4 tiny, 1e-6 otherwise)")
+    p.add_argument("--lr-warmup", type=int, default=20, help="steps of linear learning-rate warm-up")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default 8 tiny, 512 otherwise)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -378,6 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--resume", default=None, help="continue the run in this output directory")
     p.add_argument("--no-plot", action="store_true", help="skip training.png")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="don't train: tabulate finished runs "
+                   "and plot their accuracy to <--out>.png")
     return p.parse_args(argv)
 
 
@@ -403,10 +411,20 @@ def make_config(args) -> PMDConfig:
         raise UsageError(str(e)) from None
     if args.ops == "" or set(args.ops) - set("+-"):
         raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
-    for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits"):
+    for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits",
+                 "lr_warmup"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     return cfg
+
+
+def check_writable(out: Path) -> None:
+    """Fail early if `out` cannot be created or written, without creating anything."""
+    p = out.resolve()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output directory {out} ({p} is not a writable directory).")
 
 
 def pick_device(want: str) -> str:
@@ -455,15 +473,12 @@ def train(args) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
 
-    train_set, test_set = load_data(args)                                  # bad data ends here, before any file
+    # Every check that can fail on bad input comes before the first file is written.
+    train_set, test_set = load_data(args)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").write_text("ok")
-        (out / ".write_test").unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to the output directory {out} ({e.strerror}).") from None
+    check_writable(out)
     model, tokenizer, kind = load_model(args, device, str(resume / "checkpoint") if resume else None)
+    out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0,
                                   fused=device == "cuda")
     start = load_checkpoint(resume / "checkpoint", optimizer) if resume else 0
@@ -472,6 +487,7 @@ def train(args) -> int:
     metrics_f = (out / "metrics.jsonl").open("a" if resume else "w")
     eval_f = (out / "eval.jsonl").open("a" if resume else "w")
     P, K = args.prompts_per_step, cfg.samples_per_prompt
+    t_begin = time.time()
     order = list(range(len(train_set)))
     random.Random(args.seed).shuffle(order)                                # the data order, fixed by the seed
 
@@ -506,6 +522,10 @@ def train(args) -> int:
             t0 = time.perf_counter()
             rewards = [math_reward(c, batch[i // K]["answer"]) for i, c in enumerate(rollouts.completions)]  # B
             t_score = time.perf_counter() - t0
+            # linear learning-rate warm-up: Adam's first steps move every weight by ≈ lr whatever its
+            # gradient, which knocks a freshly warm-started model off its (sharp) optimum
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / args.lr_warmup)
             try:
                 m = pmd_step(model, optimizer, rollouts, rewards, cfg)
             except FloatingPointError as e:
@@ -538,13 +558,54 @@ def train(args) -> int:
 
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
-    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
+    metrics, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
     if not args.no_plot:
         plot(out, metrics, evals)
     first, last = evals[0], evals[-1]
+    (out / "summary.json").write_text(json.dumps({
+        "first_eval": first, "last_eval": last, "device": device,
+        "seconds_this_session": time.time() - t_begin,                 # RL steps and evaluations
+        "seconds_in_phases": sum(m[k] for m in metrics for k in TIMING_KEYS[:4])}, indent=1))
     print(f"held-out accuracy {first['accuracy']:.1%} (step {first['step']}) → {last['accuracy']:.1%} "
           f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}; outputs in {out}")
+    return 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def compare(run_dirs: list[str], out_png: str) -> int:
+    """Print a markdown table of finished runs and plot their held-out accuracy over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    print("| run | algo | τ | updates | lr | accuracy first → last | pass@k last | mean KL | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d in map(Path, run_dirs):
+        if not (d / "summary.json").is_file():
+            raise UsageError(f"{d} is not a finished run (no summary.json).")
+        run, summary = json.loads((d / "run.json").read_text()), json.loads((d / "summary.json").read_text())
+        a, c = run["args"], run["config"]
+        evals, metrics = read_jsonl(d / "eval.jsonl"), read_jsonl(d / "metrics.jsonl")
+        first, last = summary["first_eval"], summary["last_eval"]
+        pk = next(k for k in last if k.startswith("pass@"))
+        kl = sum(m["kl"] for m in metrics) / len(metrics)
+        tau = "–" if c["loss"] == "grpo" else f"{c['tau']:g}"
+        print(f"| {d.name} | {a['algo']} | {tau} | {c['updates_per_batch']} | {c['lr']:g} | "
+              f"{first['accuracy']:.1%} → {last['accuracy']:.1%} | {last[pk]:.1%} | {kl:.4f} | "
+              f"{summary['seconds_this_session']:.0f} |")
+        ax[0].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", label=d.name)
+        ax[1].plot([m["step"] for m in metrics], [m["kl"] for m in metrics], label=d.name, alpha=0.8)
+    ax[0].set_title("held-out greedy accuracy"); ax[1].set_title("KL(π_t ‖ π_θ) per step")
+    for x in ax:
+        x.set_xlabel("step")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print(f"figure: {out_png}")
     return 0
 
 
@@ -553,6 +614,8 @@ def main(argv=None) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()                      # no "Loading weights" bars
     try:
+        if args.compare:
+            return compare(args.compare, str(Path(args.out).with_suffix(".png")))
         return train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
