@@ -742,10 +742,6 @@ def tiny_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny_cache"))
 
 
-def read_jsonl(path):
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-
-
 def test_arithmetic_splits_never_overlap_and_are_correct():
     train = tm.arithmetic_split("train", 5000, 0, 2, "+-")
     test = tm.arithmetic_split("test", 500, 0, 2, "+-")
@@ -771,13 +767,13 @@ def test_train_math_smoke_run_writes_everything(tmp_path, tiny_cache):
                        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "warm-start" in p.stdout or "warm start" in p.stdout
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = tm.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     need = {"loss", "reward", "all_equal_share", "residual", "kl", "lambda", "grad_norm", "response_length",
             "truncated_share", "unparseable"} | TIMING
     assert need <= set(metrics[0])
     assert all(0 <= m["reward"] <= 1 and math.isfinite(m["loss"]) for m in metrics)
-    evals = read_jsonl(out / "eval.jsonl")
+    evals = tm.read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]                          # before any update, every 2, end
     for e in evals:
         assert {"accuracy", "pass@4", "unparseable"} <= set(e)
@@ -798,12 +794,14 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys):
     full, half = tmp_path / "full", tmp_path / "half"
     assert tm.main(base + ["--steps", "4", "--out", str(full)]) == 0
     assert tm.main(base + ["--steps", "2", "--out", str(half)]) == 0
+    with open(half / "metrics.jsonl", "a") as f:                        # as if it crashed after the
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")           # checkpoint: redone, not kept
     assert tm.main(["--resume", str(half), "--steps", "4", "--no-plot"]) == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-    a, b = strip(read_jsonl(full / "metrics.jsonl")), strip(read_jsonl(half / "metrics.jsonl"))
+    a, b = strip(tm.read_jsonl(full / "metrics.jsonl")), strip(tm.read_jsonl(half / "metrics.jsonl"))
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     assert a == b
-    assert read_jsonl(full / "eval.jsonl") == read_jsonl(half / "eval.jsonl")
+    assert tm.read_jsonl(full / "eval.jsonl") == tm.read_jsonl(half / "eval.jsonl")
 
 
 def test_nan_stops_training_naming_the_step_and_keeps_last_checkpoint(tmp_path, tiny_cache, capsys, monkeypatch):
@@ -823,7 +821,7 @@ def test_nan_stops_training_naming_the_step_and_keeps_last_checkpoint(tmp_path, 
     assert "step 3" in err and "Traceback" not in err
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     AutoModelForCausalLM.from_pretrained(out / "checkpoint")               # intact, loadable
-    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert len(tm.read_jsonl(out / "metrics.jsonl")) == 2
 
 
 def write(path, text):

@@ -14,13 +14,20 @@ in code and warm-started by a short supervised phase on the training split of th
 so that RL starts from a non-zero reward. It is cached on disk (`--fresh` rebuilds it).
 
 Outputs in `--out DIR`: metrics.jsonl (a line per step), eval.jsonl (a line per evaluation),
-training.png, run.json (the config), checkpoint/ (resumable with `--resume DIR`), final/ (the
-model, loadable with `AutoModelForCausalLM.from_pretrained`).
+training.png, run.json (the config), summary.json, checkpoint/ (resumable with `--resume DIR`),
+final/ (the model, loadable with `AutoModelForCausalLM.from_pretrained`). `--compare DIR...`
+tabulates finished runs instead of training.
 
 Departures (beyond those listed at the top of pmd_mean.py):
-  1. The tiny model's warm start is supervised learning on the training split: the RL task is
-     then "get better at what you half know", as for a pretrained LLM on GSM8K.
-  2. pass@k is measured with n = k samples per problem (the plain "any of k is right").
+  1. The tiny model's warm start is next-token prediction on the training split, stopped part-way
+     (about a third right): the RL task is then "get better at what you half know", as for a
+     pretrained LLM on GSM8K. How far to warm-start was chosen by experiment (see `warm_start`).
+  2. The learning rate warms up linearly over `--lr-warmup` steps (not in the papers): Adam's first
+     steps move every weight by about lr whatever its gradient.
+  3. pass@k is measured with n = k samples per problem (the plain "any of k is right").
+  4. Defaults for the tiny model (τ = 1, 2 updates per batch, lr 1e-4, 16 prompts × 8 samples)
+     come from the README sweep; for real models (lr 1e-6, 512 new tokens) they are the usual
+     starting points, not measured here.
 """
 
 from __future__ import annotations
@@ -484,6 +491,10 @@ def train(args) -> int:
     start = load_checkpoint(resume / "checkpoint", optimizer) if resume else 0
     (out / "run.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                               "config": dataclasses.asdict(cfg), "device": device}, indent=1))
+    if resume:  # drop lines written after the checkpoint (a crash between checkpoints): they will be redone
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            kept = [r for r in read_jsonl(out / name) if r["step"] <= start] if (out / name).is_file() else []
+            (out / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
     metrics_f = (out / "metrics.jsonl").open("a" if resume else "w")
     eval_f = (out / "eval.jsonl").open("a" if resume else "w")
     P, K = args.prompts_per_step, cfg.samples_per_prompt
