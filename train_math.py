@@ -270,6 +270,8 @@ def load_model(args, device, path: str | None = None) -> tuple:
     name = path or SHORT_NAMES.get(args.model, args.model)
     is_dir = Path(name).expanduser().is_dir()
     dtype = torch.float32 if device == "cpu" or args.model == "tiny" else getattr(torch, args.dtype)
+    import logging
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)          # no "Retrying in 8s" lines offline
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
@@ -277,7 +279,7 @@ def load_model(args, device, path: str | None = None) -> tuple:
         where = f"the local directory {name}" if is_dir else f"the Hugging Face hub id {name!r} (local cache, then network)"
         raise UsageError(
             f"could not load model {args.model!r}: tried {where} and got {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}. Ways out: download it first where "
+            f"{str(e).splitlines()[0][:200].rstrip('.') if str(e) else 'no detail'}. Ways out: download it first where "
             f"there is network (`hf download {name}`), pass a local directory with --model, "
             f"or use --model tiny, which needs no download.") from None
     if tokenizer.pad_token is None:
