@@ -544,14 +544,14 @@ def _micro_batches(rollouts: Rollouts, size: int):
         yield rows, slice(int(used.min()), int(used.max()) + 1)
 
 
-def _logprobs_no_grad(model, rollouts: Rollouts, cfg: PMDConfig) -> torch.Tensor:
+def _logprobs_no_grad(model, rollouts: Rollouts, batches: list, cfg: PMDConfig) -> torch.Tensor:
     """Token log-probs of every rollout under the model as it is now, (B, T), no graph."""
     R = rollouts
     out = torch.zeros(R.input_ids.shape, dtype=torch.float32, device=R.input_ids.device)  # (B, T)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for rows, cols in _micro_batches(R, cfg.micro_batch_size):
+        for rows, cols in batches:
             out[rows, cols] = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
                                              R.response_mask[rows, cols], cfg.logprob_chunk)
     model.train(was_training)
@@ -578,7 +578,9 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
 
     # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration.
     t0 = time.perf_counter()
-    logp_old_tok = _logprobs_no_grad(model, rollouts, cfg)                 # (B, T)
+    # micro-batch slices, computed once (each costs a GPU→CPU sync) and reused by every pass below
+    batches = list(_micro_batches(rollouts, cfg.micro_batch_size))
+    logp_old_tok = _logprobs_no_grad(model, rollouts, batches, cfg)        # (B, T)
     logp_old = logp_old_tok.sum(-1)                                        # (B,)
     _sync(device)
     t_logprobs = time.perf_counter() - t0
@@ -597,7 +599,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for rows, cols in _micro_batches(rollouts, cfg.micro_batch_size):
+        for rows, cols in batches:
             R = rollouts
             lp_tok = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
                                     R.response_mask[rows, cols], cfg.logprob_chunk)     # (b, t)
@@ -622,7 +624,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     t_update = time.perf_counter() - t0
 
     # After the updates: how far did π_θ move from π_t on these samples?
-    logp_new = _logprobs_no_grad(model, rollouts, cfg).sum(-1)             # (B,)
+    logp_new = _logprobs_no_grad(model, rollouts, batches, cfg).sum(-1)    # (B,)
     delta = logp_new - logp_old                                            # (B,) Δ
     # KL(π_t ‖ π_θ) = E_{y~π_t}[log π_t(y) − log π_θ(y)] ≈ mean_i(−Δ_i)  (y_i ~ π_t)
     kl = float((-delta).mean())

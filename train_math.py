@@ -192,14 +192,16 @@ def tiny_model(vocab_size: int, layers: int = 4, width: int = 128, seed: int = 0
     return Qwen2ForCausalLM(cfg)
 
 
-def greedy_accuracy(model, tokenizer, problems, kind, max_new_tokens, batch=256) -> float:
-    cfg = PMDConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    right = 0
+def greedy_scores(model, tokenizer, problems, kind, cfg: PMDConfig, batch: int) -> tuple[float, float]:
+    """(greedy accuracy, unparseable share) on `problems`, `batch` prompts at a time."""
+    greedy = dataclasses.replace(cfg, temperature=0.0)
+    right, unparseable = 0, 0
     for s in range(0, len(problems), batch):
         chunk = problems[s:s + batch]
-        r = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], 1, cfg)
-        right += sum(math_reward(c, p["answer"]) for c, p in zip(r.completions, chunk))
-    return right / len(problems)
+        g = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], 1, greedy)
+        right += sum(math_reward(c, p["answer"]) for c, p in zip(g.completions, chunk))
+        unparseable += sum(extract_answer(c) is None for c in g.completions)
+    return right / len(problems), unparseable / len(problems)
 
 
 def warm_start(model, tokenizer, train: list[dict], steps: int, seed: int, device, batch: int = 64,
@@ -246,7 +248,8 @@ def build_tiny(args, device) -> tuple:
     t0 = time.time()
     warm_start(model, tokenizer, arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
                args.warmup_steps, args.seed, device)
-    acc = greedy_accuracy(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops), "tiny", 8)
+    acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops),
+                           "tiny", PMDConfig(max_new_tokens=8), batch=256)
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, held-out greedy accuracy {acc:.1%}")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -299,23 +302,19 @@ def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) 
 
     Runs under its own seeded RNG so that evaluating never changes the training run's samples.
     """
+    k = cfg.samples_per_prompt
+    bs = max(1, args.eval_batch // k)                                      # prompts per sampling batch
+    accuracy, unparseable = greedy_scores(model, tokenizer, problems, kind, cfg, bs)  # greedy draws no RNG
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(args.seed + 1_000_003 * (step + 1))
-        prompts = [make_prompt(p["question"], tokenizer, kind) for p in problems]
-        greedy = dataclasses.replace(cfg, temperature=0.0)
-        k = cfg.samples_per_prompt
-        right, unparseable, any_right = 0, 0, 0
-        bs = max(1, args.eval_batch // k)
+        any_right = 0
         for s in range(0, len(problems), bs):
-            chunk, ps = problems[s:s + bs], prompts[s:s + bs]
-            g = sample_rollouts(model, tokenizer, ps, 1, greedy)
-            right += sum(math_reward(c, p["answer"]) for c, p in zip(g.completions, chunk))
-            unparseable += sum(extract_answer(c) is None for c in g.completions)
-            r = sample_rollouts(model, tokenizer, ps, k, cfg)
+            chunk = problems[s:s + bs]
+            r = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], k, cfg)
             for i, p in enumerate(chunk):
                 any_right += any(math_reward(c, p["answer"]) for c in r.completions[i * k:(i + 1) * k])
     n = len(problems)
-    return {"step": step, "accuracy": right / n, f"pass@{k}": any_right / n, "unparseable": unparseable / n}
+    return {"step": step, "accuracy": accuracy, f"pass@{k}": any_right / n, "unparseable": unparseable}
 
 
 # -----------------------------------------------------------------------------
