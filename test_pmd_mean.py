@@ -804,6 +804,18 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys):
     assert tm.read_jsonl(full / "eval.jsonl") == tm.read_jsonl(half / "eval.jsonl")
 
 
+def test_first_run_that_builds_the_tiny_model_equals_a_cached_run(tmp_path, capsys):
+    """Building the tiny model draws random numbers, loading it does not: the run must not care."""
+    args = SMOKE + ["--tiny-cache", str(tmp_path / "fresh_cache"), "--steps", "2", "--no-plot"]
+    assert tm.main(args + ["--out", str(tmp_path / "built")]) == 0
+    assert "building" in capsys.readouterr().out
+    assert tm.main(args + ["--out", str(tmp_path / "cached")]) == 0
+    assert "loaded from" in capsys.readouterr().out
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(tm.read_jsonl(tmp_path / "built" / "metrics.jsonl")) == \
+        strip(tm.read_jsonl(tmp_path / "cached" / "metrics.jsonl"))
+
+
 def test_nan_stops_training_naming_the_step_and_keeps_last_checkpoint(tmp_path, tiny_cache, capsys, monkeypatch):
     calls = {"n": 0}
     real = tm.pmd_step

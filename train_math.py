@@ -477,15 +477,17 @@ def train(args) -> int:
         args = argparse.Namespace(**{**saved, **keep, "out": str(resume)})
     cfg = make_config(args)
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
 
     # Every check that can fail on bad input comes before the first file is written.
     train_set, test_set = load_data(args)
     out = Path(args.out)
     check_writable(out)
     model, tokenizer, kind = load_model(args, device, str(resume / "checkpoint") if resume else None)
+    # Seed after loading: building the tiny model draws random numbers and loading it from the cache
+    # does not, and a run must not depend on which happened. (A resumed run restores its RNG below.)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0,
                                   fused=device == "cuda")
