@@ -349,7 +349,8 @@ def test_greedy_sampler_equals_hf_generate():
     R = pm.sample_rollouts(model, tok, PROMPTS, 2, pm.PMDConfig(max_new_tokens=10, samples_per_prompt=2,
                                                                 temperature=0.0))
     enc = tok(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
-    ref = model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+    ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+                         max_new_tokens=10, pad_token_id=tok.pad_token_id)
     gen = ref[:, enc["input_ids"].shape[1]:]
     assert len(set(gen[0].tolist())) > 1                                   # a non-trivial sequence
     for i in range(len(PROMPTS)):
@@ -378,6 +379,78 @@ def test_sample_next_token_distribution_and_top_p():
     draws = pm.sample_next_token(logits, 0.5, 1.0)
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.01)
+
+
+def test_gqa_attention_matches_naive_attention_with_repeated_heads():
+    """The sampling attention against softmax(q·kᵀ·scale + mask)·v with K/V copied to every query head."""
+    g = torch.Generator().manual_seed(0)
+    b, Hq, Hkv, q, L, D = 3, 6, 2, 4, 9, 8
+    query, key, value = (torch.randn(b, h, n, D, generator=g) for h, n in ((Hq, q), (Hkv, L), (Hkv, L)))
+    mask = torch.rand(b, 1, q, L, generator=g) < 0.6
+    mask[..., 0] = True                                                    # every query sees something
+    out, weights = pm.gqa_sdpa_attention(None, query, key, value, mask, scaling=0.3)
+    assert weights is None and out.shape == (b, q, Hq, D)
+    k_rep, v_rep = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (key, value))   # head h uses kv head h // 3
+    scores = (query @ k_rep.transpose(-1, -2)) * 0.3 + torch.where(mask, 0.0, float("-inf"))
+    ref = (scores.softmax(-1) @ v_rep).transpose(1, 2)                     # (b, q, Hq, D)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def record_sampling_logits(monkeypatch):
+    """Patch pm.sample_next_token to keep a copy of the logits it is given, step by step."""
+    seen, real = [], pm.sample_next_token
+    monkeypatch.setattr(pm, "sample_next_token", lambda logits, *a: (seen.append(logits.clone()), real(logits, *a))[1])
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")                  # from inside torch.compile
+@pytest.mark.parametrize("compile_decode,dtype,atol", [(False, torch.float32, 1e-4), (True, torch.float32, 1e-4),
+                                                       (False, torch.bfloat16, 0.05)])
+def test_sampler_draws_from_the_full_forward_distribution(monkeypatch, compile_decode, dtype, atol):
+    """Every next-token distribution the sampler draws from equals a plain forward pass, no cache, over
+    the prompt and the tokens so far: the KV cache, the prefill shared by K rows, the attention
+    masks of left padding and of the static cache's unwritten columns, and the positions are all right.
+    The compiled decode step (inductor on the CPU) is held to the same reference, and bfloat16 (the
+    GPU dtype) to bfloat16 rounding."""
+    torch._dynamo.reset()
+    model, tok = make_model(seed=8, eos_bias=2.0, init=0.1)
+    model.to(dtype)
+    seen = record_sampling_logits(monkeypatch)
+    cfg = pm.PMDConfig(max_new_tokens=7, samples_per_prompt=3, compile_decode=compile_decode, prompt_bucket=16)
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, PROMPTS, 3, cfg)
+    assert R.finished.any() and (R.response_lengths > 1).any()
+    assert R.prompt_len == (32 if compile_decode else 27)                  # 27 tokens, bucketed to 32
+    with torch.no_grad():
+        ref = model(input_ids=R.input_ids, attention_mask=R.attention_mask,
+                    position_ids=pm._position_ids(R.attention_mask)).logits  # (B, T, V)
+    assert len(seen) == int(R.response_lengths.max())
+    for t, logits in enumerate(seen):                                      # step t drew token Tp + t
+        live = R.response_lengths > t                                      # rows still generating
+        gap = (logits[live].float() - ref[live, R.prompt_len + t - 1].float()).abs().max()
+        assert gap < atol, f"step {t}: {gap}"
+    assert model.config._attn_implementation == "sdpa" and not model.training  # restored as found
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_decoder_is_reused_across_calls_without_recompiling():
+    torch._dynamo.reset()
+    model, tok = make_model(seed=9, eos_bias=1.0, init=0.1)
+    model.train()
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=2, compile_decode=True, prompt_bucket=32)
+    torch.manual_seed(1)
+    first = pm.sample_rollouts(model, tok, PROMPTS, 2, cfg)
+    assert model.training                                                  # mode restored
+    with torch._dynamo.config.patch(error_on_recompile=True):              # a recompile would raise
+        torch.manual_seed(1)
+        again = pm.sample_rollouts(model, tok, PROMPTS, 2, cfg)
+        shorter = pm.sample_rollouts(model, tok, ["9+9=", "1-2="] + PROMPTS[2:], 2, cfg)  # same bucket
+    assert torch.equal(first.input_ids, again.input_ids)                   # stale cache columns never leak
+    assert shorter.prompt_len == 32 and len(model._pmd_decoders) == 1
+    cfg.compile_decode = False
+    torch.manual_seed(1)
+    eager = pm.sample_rollouts(model, tok, PROMPTS, 2, cfg)
+    assert torch.equal(eager.input_ids[:, eager.prompt_len:], first.input_ids[:, first.prompt_len:])
 
 
 # -----------------------------------------------------------------------------
@@ -506,6 +579,30 @@ def test_pmd_step_stops_on_nan_before_touching_weights():
         pm.pmd_step(model, opt, R, [1.0, 0, 0, 0] * 3, cfg)
     for p, q in zip(model.parameters(), snapshot):
         assert torch.equal(p.detach(), q) or (torch.isnan(p).any() and torch.isnan(q).any())
+
+
+def test_first_update_supplies_log_pi_t_exactly():
+    """pmd_step takes log π_t from the first update's own forward (π_θ = π_t before any step). The
+    result must equal the separate no-grad pass, which a model with dropout gets."""
+    results = {}
+    for separate in (False, True):
+        model, tok, cfg, R = rollouts_for_step(seed=3)
+        cfg.updates_per_batch, cfg.measure_kl = 3, separate
+        if separate:
+            model.config.attention_dropout = 1e-12                         # "dropout": the separate pass
+            assert pm._has_dropout(model)
+        else:
+            assert not pm._has_dropout(model)
+        with torch.no_grad():
+            logp_t = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+        m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, [1, 0, 0, 1] * 3, cfg)
+        assert ("kl" in m) == separate                                     # measure_kl switches the KL pass
+        results[separate] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        if separate:                                                       # KL is measured against log π_t
+            with torch.no_grad():
+                after = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+            assert m["kl"] == pytest.approx((logp_t - after).mean().item(), abs=1e-5)
+    assert torch.allclose(results[False], results[True], atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [dict(tau=0.0), dict(tau=-1.0), dict(samples_per_prompt=1),
@@ -761,6 +858,18 @@ def test_load_real_gsm8k_jsonl():
     assert all(pm._to_fraction(r["answer"]) is not None for r in rows)
 
 
+def test_warm_start_stops_at_the_first_check_that_reaches_the_target(monkeypatch):
+    """The stop is an accuracy, checked every `check_every` steps; the step cap still holds."""
+    tok = tm.byte_tokenizer()
+    train = tm.arithmetic_split("train", 200, 0, 2, "+")
+    scripted = iter([0.05, 0.2, 0.31, 0.9])                                # accuracy at checks 1, 2, 3, 4
+    monkeypatch.setattr(tm, "greedy_scores", lambda *a, **k: (next(scripted), 0.0))
+    model = tm.tiny_model(len(tok), layers=1, width=32)
+    assert tm.warm_start(model, tok, train, 0.3, 1000, 0, "cpu", batch=4, check_every=5) == (15, 0.31)
+    scripted = iter([0.05, 0.2])
+    assert tm.warm_start(model, tok, train, 0.3, 7, 0, "cpu", batch=4, check_every=5) == (7, 0.2)  # the cap
+
+
 def test_train_math_smoke_run_writes_everything(tmp_path, tiny_cache):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train_math.py", *SMOKE, "--tiny-cache", tiny_cache, "--out", str(out)],
@@ -848,6 +957,7 @@ BAD_INPUTS = {
     "tau negative": (["--tau", "-0.5"], "tau"),
     "one sample": (["-k", "1"], "samples_per_prompt"),
     "no new tokens": (["--max-new-tokens", "0"], "max_new_tokens"),
+    "warm-start target above 1": (["--warmup-accuracy", "1.5"], "--warmup-accuracy"),
     "missing data": (["--data", "{tmp}/nope.jsonl"], "does not exist"),
     "empty data": (["--data", "{tmp}/empty.jsonl"], "is empty"),
     "malformed data": (["--data", "{tmp}/bad.jsonl"], "line 2"),

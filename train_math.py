@@ -19,9 +19,11 @@ final/ (the model, loadable with `AutoModelForCausalLM.from_pretrained`). `--com
 tabulates finished runs instead of training.
 
 Departures (beyond those listed at the top of pmd_mean.py):
-  1. The tiny model's warm start is next-token prediction on the training split, stopped part-way
-     (about a third right): the RL task is then "get better at what you half know", as for a
-     pretrained LLM on GSM8K. How far to warm-start was chosen by experiment (see `warm_start`).
+  1. The tiny model's warm start is next-token prediction on the training split, stopped as soon as
+     it gets `--warmup-accuracy` (30%) of 500 training problems right: the RL task is then "get
+     better at what you half know", as for a pretrained LLM on GSM8K. Chosen by experiment (see
+     `warm_start`); the stop is an accuracy, not a step count, because when the model "gets it"
+     depends on the CPU's float rounding (1,050 steps on one machine, about 1,750 on another).
   2. The learning rate warms up linearly over `--lr-warmup` steps (not in the papers): Adam's first
      steps move every weight by about lr whatever its gradient.
   3. pass@k is measured with n = k samples per problem (the plain "any of k is right").
@@ -63,7 +65,7 @@ ALGOS = {  # --algo → (baseline, loss)
     "pmd-part": ("partition", "pmd"),
     "grpo": ("mean", "grpo"),
 }
-TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "tokens_per_s")
+TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "time_kl", "tokens_per_s")
 
 
 class UsageError(Exception):
@@ -204,37 +206,49 @@ def greedy_scores(model, tokenizer, problems, kind, cfg: PMDConfig, batch: int) 
     return right / len(problems), unparseable / len(problems)
 
 
-def warm_start(model, tokenizer, train: list[dict], steps: int, seed: int, device, batch: int = 64,
-               lr: float = 1e-3) -> None:
-    """Supervised warm start: next-token prediction on whole "12+34=46<eos>" sequences.
+def warm_start(model, tokenizer, train: list[dict], target: float, max_steps: int, seed: int, device,
+               batch: int = 64, lr: float = 1e-3, check_every: int = 25) -> tuple[int, float]:
+    """Supervised warm start: next-token prediction on whole "12+34=46<eos>" sequences, until greedy
+    accuracy on 500 training problems reaches `target` (checked every `check_every` steps) or
+    `max_steps` have run. Returns (steps, that accuracy).
 
     Chosen by experiment (CPU, seed 0): with the loss on every token and a constant learning rate,
-    accuracy climbs smoothly enough to stop part-way (1750 steps: about a third right) at a point
-    from which RL improves. With the loss on answer tokens only and a cosine schedule, the model
-    jumps from 10% to 90% within a few hundred steps, and RL from a stop part-way made it worse.
+    accuracy climbs from under 10% to over 90% within a few hundred steps, so we stop on the way up,
+    at about a third right, a point from which RL improves. With the loss on answer tokens only and
+    a cosine schedule the jump is sharper still, and RL from a stop part-way made accuracy worse.
+    When the climb starts varies between machines (float rounding differs between CPUs and compounds
+    over a thousand steps), which is why the stop is an accuracy and not a step count.
     """
     rng = random.Random(seed)
+    check = train[:500]                                                    # training problems: test stays unseen
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
+    acc = 0.0
+    for step in range(1, max_steps + 1):
+        model.train()
         texts = [p["question"] + p["answer"] + tokenizer.eos_token for p in rng.sample(train, batch)]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)       # (batch, T)
         labels = ids.masked_fill(attn == 0, -100)                          # no loss on padding
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100)                      # linear warm-up, then constant
+            g["lr"] = lr * min(1.0, step / 100)                            # linear warm-up, then constant
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % check_every == 0 or step == max_steps:
+            acc, _ = greedy_scores(model, tokenizer, check, "tiny", PMDConfig(max_new_tokens=8), batch=256)
+            if acc >= target:
+                break
     model.eval()
+    return step, acc
 
 
 def build_tiny(args, device) -> tuple:
     """Build (or load from cache) the tiny model, warm-started by supervised learning."""
     from transformers import AutoModelForCausalLM
 
-    key = f"v2-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}-s{args.warmup_steps}-seed{args.seed}"
+    key = (f"v3-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}"
+           f"-acc{args.warmup_accuracy:g}-max{args.warmup_steps}-seed{args.seed}")
     path = Path(args.tiny_cache).expanduser() / key
     tokenizer = byte_tokenizer()
     if (path / "warmup.json").is_file() and not args.fresh:
@@ -242,20 +256,22 @@ def build_tiny(args, device) -> tuple:
         info = json.loads((path / "warmup.json").read_text())
         print(f"tiny model: loaded from {path} (warm-start accuracy {info['accuracy']:.1%})")
         return model, tokenizer
-    print(f"tiny model: building and warm-starting for {args.warmup_steps} supervised steps "
-          f"(cached in {path}; --fresh rebuilds) ...")
+    print(f"tiny model: building and warm-starting to {args.warmup_accuracy:.0%} accuracy on training problems "
+          f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
     t0 = time.time()
-    warm_start(model, tokenizer, arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
-               args.warmup_steps, args.seed, device)
+    steps, train_acc = warm_start(model, tokenizer, arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
+                                  args.warmup_accuracy, args.warmup_steps, args.seed, device)
     acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops),
                            "tiny", PMDConfig(max_new_tokens=8), batch=256)
-    print(f"tiny model: warm start done in {time.time() - t0:.0f}s, held-out greedy accuracy {acc:.1%}")
+    stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
+    print(f"tiny model: warm start done in {time.time() - t0:.0f}s, {steps} steps ({train_acc:.1%} on training "
+          f"problems, target {stop}), held-out greedy accuracy {acc:.1%}")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "warmup.json").write_text(json.dumps({"accuracy": acc, "steps": args.warmup_steps}))
+    (tmp / "warmup.json").write_text(json.dumps({"accuracy": acc, "train_accuracy": train_acc, "steps": steps}))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return model, tokenizer
@@ -300,8 +316,10 @@ def load_model(args, device, path: str | None = None) -> tuple:
 def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) -> dict:
     """Greedy pass@1 and pass@k (k samples, "any right") on held-out problems.
 
-    Runs under its own seeded RNG so that evaluating never changes the training run's samples.
+    Runs under its own seeded RNG so that evaluating never changes the training run's samples, and
+    with the eager decode loop: its batch shapes (the last one is smaller) would each cost a compile.
     """
+    cfg = dataclasses.replace(cfg, compile_decode=False)
     k = cfg.samples_per_prompt
     bs = max(1, args.eval_batch // k)                                      # prompts per sampling batch
     accuracy, unparseable = greedy_scores(model, tokenizer, problems, kind, cfg, bs)  # greedy draws no RNG
@@ -363,7 +381,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +- (minus can give negatives)")
-    p.add_argument("--warmup-steps", type=int, default=1750, help="tiny model: supervised warm-start steps")
+    p.add_argument("--warmup-accuracy", type=float, default=0.3,
+                   help="tiny model: warm-start until this share of 500 training problems is right")
+    p.add_argument("--warmup-steps", type=int, default=5000, help="tiny model: at most this many warm-start steps")
     p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
@@ -380,6 +400,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default 8 tiny, 512 otherwise)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the sampler's decode step (a CUDA graph on CUDA; see PMDConfig.compile_decode)")
     # the run
     p.add_argument("--steps", type=int, default=200, help="RL steps in all (a resumed run counts the earlier ones)")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
@@ -406,7 +428,8 @@ def make_config(args) -> PMDConfig:
               samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
               lr=args.lr if args.lr is not None else (1e-4 if tiny else 1e-6),
               max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
-              grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed)
+              grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
+              seed=args.seed)
     if args.tau is not None:
         kw["tau"] = args.tau
     if args.updates is not None:
@@ -419,8 +442,10 @@ def make_config(args) -> PMDConfig:
         raise UsageError(str(e)) from None
     if args.ops == "" or set(args.ops) - set("+-"):
         raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
+    if not 0 < args.warmup_accuracy <= 1:
+        raise UsageError(f"--warmup-accuracy must be in (0, 1] (got {args.warmup_accuracy}).")
     for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits",
-                 "lr_warmup"):
+                 "lr_warmup", "warmup_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     return cfg
@@ -579,7 +604,8 @@ def train(args) -> int:
     (out / "summary.json").write_text(json.dumps({
         "first_eval": first, "last_eval": last, "device": device,
         "seconds_this_session": time.time() - t_begin,                 # RL steps and evaluations
-        "seconds_in_phases": sum(m[k] for m in metrics for k in TIMING_KEYS[:4])}, indent=1))
+        "seconds_in_phases": sum(m.get(k, 0.0) for m in metrics for k in TIMING_KEYS if k.startswith("time_"))},
+        indent=1))
     print(f"held-out accuracy {first['accuracy']:.1%} (step {first['step']}) → {last['accuracy']:.1%} "
           f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}; outputs in {out}")
     return 0
