@@ -23,6 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import bench
 import pmd_mean as pm
 import toy_bandit as tb
 import train_math as tm
@@ -989,3 +990,28 @@ def test_bad_input_as_a_process_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "train_math.py", "--tau", "0", "--out", str(tmp_path / "o")],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:")
+
+
+# -----------------------------------------------------------------------------
+# bench.py (what it prints, not how fast: speed is measured by running it, never asserted here)
+
+
+def test_bench_cpu_runs_every_row_and_its_logprob_check_agrees(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--prompts", "2", "--samples", "2", "--prompt-len", "4",
+                       "--new-tokens", "5", "--updates", "2", "--no-compile", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["shapes"] == dict(P=2, K=2, B=4, Tp=4, Tr=5, T=9, updates=2, micro_batch=8, grad_checkpointing=False)
+    rows = res["rows"]
+    for key in ("sampler_eager", "generate", "update", "naive", "kl", "iteration_eager"):
+        assert rows[key]["s"] > 0, key
+    # the sampler's ratio over generate is the ratio of the two measured token rates
+    assert rows["generate"]["ratios"]["eager"] == pytest.approx(rows["sampler_eager"]["tok_s"] / rows["generate"]["tok_s"])
+    assert res["logprob_gap"] < 1e-3                                       # chunked == naive log π(y|x)
+    assert "| `sample_rollouts`, eager decode loop |" in capsys.readouterr().out
+
+
+def test_bench_bad_shapes_exit_2_with_one_sentence(capsys):
+    assert bench.main(["--device", "cpu", "--prompts", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --prompts must be at least 1") and "\n" not in err
