@@ -310,7 +310,8 @@ def bench(args) -> dict:
     # --- 2. HF generate at the same shapes: sampling at T=1 with nothing truncated (top_k=0, top_p=1)
     # Activation checkpointing (pmd_step with --grad-checkpointing) leaves a forward hook on the input
     # embeddings that transformers does not remove on disable; it would run inside generate's graph.
-    model.disable_input_require_grads()
+    if args.grad_checkpointing:
+        model.disable_input_require_grads()
     optimizer.zero_grad(set_to_none=True)                                  # same memory state as our sampler
     model.eval()
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (P, Tp)

@@ -31,6 +31,7 @@ import train_math as tm
 torch.set_num_threads(2)
 HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent / "shared" / "data" / "gsm8k"
+QWEN_CONFIG = HERE.parent / "shared" / "reference" / "qwen2.5-0.5b"
 
 
 # -----------------------------------------------------------------------------
@@ -431,6 +432,26 @@ def test_sampler_draws_from_the_full_forward_distribution(monkeypatch, compile_d
         gap = (logits[live].float() - ref[live, R.prompt_len + t - 1].float()).abs().max()
         assert gap < atol, f"step {t}: {gap}"
     assert model.config._attn_implementation == "sdpa" and not model.training  # restored as found
+
+
+@pytest.mark.skipif(not (QWEN_CONFIG / "config.json").is_file(), reason="../shared/reference not present")
+def test_sampler_on_the_real_qwen2_5_architecture(monkeypatch):
+    """The same check on Qwen2.5-0.5B's own architecture (14 query heads on 2 key/value heads, head
+    size 64, RoPE θ = 1e6, tied embeddings, V = 151,936), cut to 2 layers and randomly initialised."""
+    from transformers import AutoConfig
+    cfg_m = AutoConfig.from_pretrained(QWEN_CONFIG, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg_m, dtype=torch.float32).eval()
+    tok = tm.byte_tokenizer()                                              # ids 0..257, all inside V
+    seen = record_sampling_logits(monkeypatch)
+    torch.manual_seed(1)
+    R = pm.sample_rollouts(model, tok, PROMPTS[:2], 2, pm.PMDConfig(max_new_tokens=5, samples_per_prompt=2))
+    assert R.input_ids.shape == (4, R.prompt_len + 5) and int(R.input_ids.max()) >= 258  # drew from all of V
+    with torch.no_grad():
+        ref = model(input_ids=R.input_ids, attention_mask=R.attention_mask,
+                    position_ids=pm._position_ids(R.attention_mask)).logits  # (B, T, V)
+    for t, logits in enumerate(seen):
+        assert torch.allclose(logits, ref[:, R.prompt_len + t - 1], atol=1e-4), f"step {t}"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
