@@ -72,6 +72,9 @@ def naive_sequence_logprobs(model, ids, attn, resp):
 
 
 PROMPTS = ["1+1=", "a much longer prompt 23+45=", "7-9="]
+# The GPU cases run wherever torch sees CUDA (never in CI): `pytest -k cuda` on a GPU machine.
+on_cuda = lambda *values: pytest.param("cuda", *values, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                reason="no CUDA device"))
 
 
 # -----------------------------------------------------------------------------
@@ -406,17 +409,18 @@ def record_sampling_logits(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")                  # from inside torch.compile
-@pytest.mark.parametrize("compile_decode,dtype,atol", [(False, torch.float32, 1e-4), (True, torch.float32, 1e-4),
-                                                       (False, torch.bfloat16, 0.05)])
-def test_sampler_draws_from_the_full_forward_distribution(monkeypatch, compile_decode, dtype, atol):
+@pytest.mark.parametrize("device,compile_decode,dtype,atol", [
+    ("cpu", False, torch.float32, 1e-4), ("cpu", True, torch.float32, 1e-4), ("cpu", False, torch.bfloat16, 0.05),
+    on_cuda(False, torch.bfloat16, 0.06), on_cuda(True, torch.bfloat16, 0.06)])   # compiled on CUDA: a CUDA graph
+def test_sampler_draws_from_the_full_forward_distribution(monkeypatch, device, compile_decode, dtype, atol):
     """Every next-token distribution the sampler draws from equals a plain forward pass, no cache, over
     the prompt and the tokens so far: the KV cache, the prefill shared by K rows, the attention
     masks of left padding and of the static cache's unwritten columns, and the positions are all right.
     The compiled decode step (inductor on the CPU) is held to the same reference, and bfloat16 (the
     GPU dtype) to bfloat16 rounding."""
     torch._dynamo.reset()
-    model, tok = make_model(seed=8, eos_bias=2.0, init=0.1)
-    model.to(dtype)
+    model, tok = make_model(seed=8, eos_bias=3.0, init=0.1)
+    model.to(device=device, dtype=dtype)
     seen = record_sampling_logits(monkeypatch)
     cfg = pm.PMDConfig(max_new_tokens=7, samples_per_prompt=3, compile_decode=compile_decode, prompt_bucket=16)
     torch.manual_seed(0)
@@ -455,10 +459,11 @@ def test_sampler_on_the_real_qwen2_5_architecture(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_compiled_decoder_is_reused_across_calls_without_recompiling():
+@pytest.mark.parametrize("device", ["cpu", on_cuda()])
+def test_compiled_decoder_is_reused_across_calls_without_recompiling(device):
     torch._dynamo.reset()
     model, tok = make_model(seed=9, eos_bias=1.0, init=0.1)
-    model.train()
+    model.to(device).train()
     cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=2, compile_decode=True, prompt_bucket=32)
     torch.manual_seed(1)
     first = pm.sample_rollouts(model, tok, PROMPTS, 2, cfg)
@@ -625,6 +630,23 @@ def test_first_update_supplies_log_pi_t_exactly():
                 after = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
             assert m["kl"] == pytest.approx((logp_t - after).mean().item(), abs=1e-5)
     assert torch.allclose(results[False], results[True], atol=1e-6)
+
+
+@pytest.mark.parametrize("device", [on_cuda()])
+def test_pmd_iteration_in_bfloat16_on_cuda(device):
+    """The GPU configuration end to end: bfloat16, compiled sampler, checkpointing, fused AdamW."""
+    model, tok = make_model(seed=10, eos_bias=1.0, init=0.1)
+    model.to(device=device, dtype=torch.bfloat16)
+    cfg = pm.PMDConfig(max_new_tokens=8, samples_per_prompt=4, micro_batch_size=5, compile_decode=True,
+                       grad_checkpointing=True, lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):                                                     # the second call replays the graph
+        R = pm.sample_rollouts(model, tok, PROMPTS, 4, cfg)
+        m = pm.pmd_step(model, opt, R, [1.0, 0, 0, 1] * 3, cfg)
+        assert all(math.isfinite(v) for v in m.values()), m
+    assert R.input_ids.device.type == "cuda" and len(model._pmd_decoders) == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 @pytest.mark.parametrize("kw", [dict(tau=0.0), dict(tau=-1.0), dict(samples_per_prompt=1),
