@@ -949,6 +949,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys):
     assert tm.main(base + ["--steps", "2", "--out", str(half)]) == 0
     with open(half / "metrics.jsonl", "a") as f:                        # as if it crashed after the
         f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")           # checkpoint: redone, not kept
+    run = json.loads((half / "run.json").read_text())                      # as if written before --compile
+    del run["args"]["compile"]                                             # existed: defaults fill it in
+    (half / "run.json").write_text(json.dumps(run))
     assert tm.main(["--resume", str(half), "--steps", "4", "--no-plot"]) == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     a, b = strip(tm.read_jsonl(full / "metrics.jsonl")), strip(tm.read_jsonl(half / "metrics.jsonl"))

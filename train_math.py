@@ -499,7 +499,8 @@ def train(args) -> int:
             raise UsageError(f"--resume {resume}: no checkpoint found there.")
         saved = json.loads((resume / "run.json").read_text())["args"]
         keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
-        args = argparse.Namespace(**{**saved, **keep, "out": str(resume)})
+        defaults = vars(parse_args([]))                                    # flags added since that run
+        args = argparse.Namespace(**{**defaults, **saved, **keep, "out": str(resume)})
     cfg = make_config(args)
     device = pick_device(args.device)
 
