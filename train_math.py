@@ -260,8 +260,8 @@ def build_tiny(args, device) -> tuple:
           f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
     t0 = time.time()
-    steps, train_acc = warm_start(model, tokenizer, arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
-                                  args.warmup_accuracy, args.warmup_steps, args.seed, device)
+    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops)
+    steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device)
     acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops),
                            "tiny", PMDConfig(max_new_tokens=8), batch=256)
     stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
