@@ -420,7 +420,8 @@ def report(res: dict) -> str:
                  ("update peak ≤ 30 GiB", r["update"]["peak_gib"], lambda x: x <= 30),
                  ("full iteration ≤ 6 s", iteration, lambda x: x <= 6)]
         if "sampler_compiled" in r:
-            goals.append(("compiled sampler's first call < 60 s", r["sampler_compiled"].get("first_s"), lambda x: x < 60))
+            goals.append(("compiled sampler's first call < 60 s", r["sampler_compiled"].get("first_s"),
+                          lambda x: x < 60))
         lines.append("goals: " + "; ".join(f"{name} {'not run' if x is None else ('met' if ok(x) else 'NOT met')}"
                                            for name, x, ok in goals) + ".")
     return "\n".join(lines)
