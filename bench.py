@@ -10,10 +10,10 @@ It prints one table: tokens/s of `sample_rollouts`, with its eager decode loop a
 decode step (`PMDConfig.compile_decode`; a CUDA graph on CUDA), against HF `model.generate` (dynamic
 cache, and static cache compiled by transformers, CUDA only) at the same shapes; tokens/s and peak
 memory of the update (`pmd_step`) against a naive update; and the wall time of a full PMD iteration
-(sample, then `pmd_step` with `--updates` optimizer steps) with either sampler. The issue's targets, at the CUDA defaults (64 prompts ×
-8 samples, prompt 128 + 256 new tokens, 4 updates): sampler ≥ 20× plain generate and ≥ 4× static
-generate, update ≥ 80k tokens/s within 30 GiB, full iteration ≤ 6 s. Reference numbers for the
-baselines (one H100) are in shared/reference/README.md.
+(sample, then `pmd_step` with `--updates` optimizer steps) with either sampler. The issue's targets,
+at the CUDA defaults (64 prompts × 8 samples, prompt 128 + 256 new tokens, 4 updates): sampler ≥ 20×
+plain generate and ≥ 4× static generate, update ≥ 80k tokens/s within 30 GiB, full iteration ≤ 6 s.
+Reference numbers for the baselines (one H100) are in shared/reference/README.md.
 
 Symbols (as in pmd_mean.py)
 ---------------------------

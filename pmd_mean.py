@@ -495,10 +495,11 @@ def _decoder(model, B: int, K: int, L: int, compile: bool) -> _Decoder:
     """
     weight = next(model.parameters())
     device = weight.device
-    store = model.__dict__.setdefault("_pmd_decoders", {})                # {(B, K, L, dtype, device): _Decoder}
-    key = (B, K, L, weight.dtype, device)
-    if compile and key in store:
-        return store[key]
+    if compile:
+        store = model.__dict__.setdefault("_pmd_decoders", {})            # {(B, K, L, dtype, device): _Decoder}
+        key = (B, K, L, weight.dtype, device)
+        if key in store:
+            return store[key]
     dec = _Decoder(cache=KVCache(K, L, static=compile),
                    mask=torch.zeros(B, 1, 1, L, dtype=torch.bool, device=device),
                    positions=torch.zeros(B, 1, dtype=torch.long, device=device), step=_decode_step)
