@@ -71,6 +71,7 @@ from pmd_mean import PMDConfig, compute_baseline, pmd_loss, pmd_step, sample_rol
 HERE = Path(__file__).resolve().parent
 # shared/ sits beside the repository in a workspace and inside it on some machines: try both.
 REFERENCE_CONFIGS = [HERE / "shared/reference/qwen2.5-0.5b", HERE.parent / "shared/reference/qwen2.5-0.5b"]
+HUB_ID = "Qwen/Qwen2.5-0.5B"                                               # elsewhere: its config.json from the hub
 # Defaults per device: CUDA gets the issue's shapes; the CPU gets shapes that finish in seconds.
 DEFAULTS = {
     "cuda": dict(prompts=64, samples=8, prompt_len=128, new_tokens=256, updates=4, micro_batch=32),
@@ -117,17 +118,28 @@ def byte_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>")
 
 
-def build_model(device: str, cfg: PMDConfig, config_dir: str | None):
+def architecture(config: str | None):
+    """The CUDA model's config: --config (a directory holding config.json, or a hub id), else the
+    reference config beside the repository, else the hub's Qwen2.5-0.5B (config.json only, no weights)."""
+    found = [d for d in REFERENCE_CONFIGS if (d / "config.json").is_file()]
+    source = config or (str(found[0]) if found else HUB_ID)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UsageError(f"--config {source}: that directory holds no config.json.")
+    try:
+        return transformers.AutoConfig.from_pretrained(source), Path(source).name
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0].split(". ")[0].strip().rstrip(".")     # the library's first sentence
+        raise UsageError(f"--config {source}: neither a directory holding config.json nor a hub id that "
+                         f"could be fetched ({why}).") from None
+
+
+def build_model(device: str, cfg: PMDConfig, config: str | None):
     """CUDA: the reference Qwen2.5-0.5B architecture, random init. CPU: a tiny Qwen2, float32."""
     if device == "cuda":
-        dirs = [Path(config_dir)] if config_dir else REFERENCE_CONFIGS
-        found = [d for d in dirs if (d / "config.json").is_file()]
-        if not found:
-            raise UsageError(f"no config.json in {' or '.join(map(str, dirs))}; pass --config DIR.")
-        mcfg = transformers.AutoConfig.from_pretrained(found[0])
+        mcfg, source = architecture(config)
         with torch.device("cuda"):                                         # initialise on the GPU directly
             model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=getattr(torch, cfg.dtype))
-        name = f"{found[0].name} architecture ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, " \
+        name = f"{source} architecture ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, " \
                f"V={mcfg.vocab_size}), random init, {cfg.dtype}"
     else:
         mcfg = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=256,
@@ -208,7 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto picks CUDA when there is one")
     p.add_argument("--config", default=None,
-                   help="CUDA: directory with the model's config.json (default: shared/reference/qwen2.5-0.5b)")
+                   help="CUDA: the architecture to benchmark, a directory holding config.json or a hub id "
+                        f"(default: shared/reference/qwen2.5-0.5b if present, else {HUB_ID}; weights are never loaded)")
     # shapes (defaults depend on the device, see DEFAULTS)
     p.add_argument("--prompts", type=int, default=None, help="P prompts (CUDA 64, CPU 8)")
     p.add_argument("--samples", type=int, default=None, help="K samples per prompt (CUDA 8, CPU 4)")
@@ -287,6 +300,7 @@ def bench(args) -> dict:
         cfg.compile_decode = compile_decode
         what = "`sample_rollouts`, " + ("compiled decode step" + (" (CUDA graph)" if device == "cuda" else "")
                                         if compile_decode else "eager decode loop")
+        torch._dynamo.utils.counters.clear()
         try:
             first, rollouts, t_sample, peak_sample, metrics, t_step, peak_step = iteration()
         except Exception as e:
@@ -295,6 +309,9 @@ def bench(args) -> dict:
             # a compile failure on an untried GPU stack must not cost the rest of the table
             rows[f"sampler_{name}"] = dict(what=f"{what}: FAILED, {failure(e)}")
             continue
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]   # inductor fell back to no graph
+        if compile_decode and device == "cuda" and skips:
+            what += f", but NOT as a CUDA graph: skipped {skips}× (inductor's reason is logged on stderr)"
         rows[f"sampler_{name}"] = dict(what=what, first_s=first["sample"], s=t_sample, tok_s=B * Tr / t_sample,
                                        ms_step=1e3 * t_sample / Tr, peak_gib=peak_sample)
         rows[f"iteration_{name}"] = dict(what=f"full PMD iteration, {name} sampler (sample + pmd_step, U={U})",
