@@ -310,13 +310,26 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     B, T = input_ids.shape
     body = model.base_model                                                # the transformer without lm_head
     lm_head = model.get_output_embeddings()                                # (H → V) linear layer
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
+
+    # Speed: a row's real tokens (its prompt's, then its response's) are contiguous. Shift each row
+    # left to start at column 0, and the body needs only as many columns as the longest row has real
+    # tokens (W), instead of the widest prompt plus the longest response. Nothing changes but float
+    # rounding: positions come from the mask, a token attends to the same tokens, and the response
+    # tokens keep their order, so the flat list of their log-probs below is the same in both layouts.
+    n_real = attention_mask.sum(-1)                                        # (B,)
+    lead = attention_mask.long().argmax(-1)                                # (B,) first real column
+    W = int(n_real.max())
+    src = (lead.unsqueeze(1) + torch.arange(W, device=input_ids.device)).clamp(max=T - 1)  # (B, W) source column
+    real = torch.arange(W, device=input_ids.device) < n_real.unsqueeze(1)  # (B, W)
+    ids = input_ids.gather(1, src)                                         # (B, W) left-aligned
+    resp = response_mask.gather(1, src).bool() & real                      # (B, W)
+    hidden = body(input_ids=ids, attention_mask=real.long(), position_ids=_position_ids(real.long()),
+                  use_cache=False).last_hidden_state                       # (B, W, H)
     # Token t is predicted by the hidden state at t−1. Mask rule: a position counts iff the token it
     # predicts is a response token (prompt tokens and padding never count; the final EOS does).
-    predicts_response = response_mask[:, 1:].bool()                        # (B, T−1)
+    predicts_response = resp[:, 1:]                                        # (B, W−1)
     h = hidden[:, :-1][predicts_response]                                  # (N, H), N = Σ|y|
-    targets = input_ids[:, 1:][predicts_response]                          # (N,)
+    targets = ids[:, 1:][predicts_response]                                # (N,)
     pieces = []
     for s in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
@@ -325,8 +338,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else:
             pieces.append(_gather_logprobs(lm_head, h[s:s + chunk], targets[s:s + chunk]))
     flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
-    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # (B, T)
-    out[:, 1:] = out[:, 1:].masked_scatter(predicts_response, flat)        # differentiable scatter
+    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # (B, T), the input's layout
+    out[:, 1:] = out[:, 1:].masked_scatter(response_mask[:, 1:].bool(), flat)  # differentiable scatter
     return out
 
 
@@ -689,17 +702,16 @@ def math_reward(completion: str, gold: str) -> float:
 # One PMD iteration: log π_t, baselines, then `updates_per_batch` regression steps
 
 
-def _micro_batches(rollouts: Rollouts, size: int):
-    """Yield (rows, cols) slices: `size` rows, and only the columns some of those rows use.
+def _micro_batches(rollouts: Rollouts, size: int) -> list[torch.Tensor]:
+    """Row indices of each micro-batch, `size` rows each, taken in order of length (real tokens).
 
-    Dropping the padding every row of a micro-batch shares is free speed; positions come from the
-    attention mask, so cutting leading pad columns changes no log-prob.
+    The loss is a sum over rows, so which rows share a micro-batch changes nothing but float
+    rounding. But a micro-batch costs as much as its longest row times its rows (`token_logprobs`
+    left-aligns the rows and cuts the rest), so grouping short rows with short rows saves compute on
+    ragged responses: on GSM8K-shaped lengths, a third to a half of the update (README, Speed).
     """
-    B = rollouts.input_ids.shape[0]
-    for s in range(0, B, size):
-        rows = slice(s, min(s + size, B))
-        used = rollouts.attention_mask[rows].any(0).nonzero()              # columns with a real token
-        yield rows, slice(int(used.min()), int(used.max()) + 1)
+    order = rollouts.attention_mask.sum(-1).argsort(stable=True)           # (B,) shortest first
+    return list(order.split(size))                                         # [(b,), ...]
 
 
 def _logprobs_no_grad(model, rollouts: Rollouts, batches: list, cfg: PMDConfig) -> torch.Tensor:
@@ -709,9 +721,9 @@ def _logprobs_no_grad(model, rollouts: Rollouts, batches: list, cfg: PMDConfig) 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for rows, cols in batches:
-            out[rows, cols] = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
-                                             R.response_mask[rows, cols], cfg.logprob_chunk)
+        for rows in batches:
+            out[rows] = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
+                                       cfg.logprob_chunk)
     model.train(was_training)
     return out
 
@@ -739,8 +751,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     r = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(B // K, K)  # (P, K)
     lengths = rollouts.response_lengths.clamp(min=1).float()               # (B,)
 
-    # micro-batch slices, computed once (each costs a GPU→CPU sync) and reused by every pass below
-    batches = list(_micro_batches(rollouts, cfg.micro_batch_size))
+    batches = _micro_batches(rollouts, cfg.micro_batch_size)              # row indices, reused by every pass
 
     # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration. Before the
     # first optimizer step π_θ IS π_t, so the first update's own forward pass gives log π_t exactly
@@ -769,19 +780,19 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for rows, cols in batches:
+        for rows in batches:
             R = rollouts
-            lp_tok = token_logprobs(model, R.input_ids[rows, cols], R.attention_mask[rows, cols],
-                                    R.response_mask[rows, cols], cfg.logprob_chunk)     # (b, t)
+            lp_tok = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
+                                    cfg.logprob_chunk)                     # (b, T)
             if fold and update == 0:
-                logp_old_tok[rows, cols] = lp_tok.detach()                 # log π_t, see above
+                logp_old_tok[rows] = lp_tok.detach()                 # log π_t, see above
             if cfg.loss == "pmd":
                 # eq. (5) on this micro-batch, weighted so the sum over micro-batches is the batch mean.
                 # Δ = 0 on the first update when folded (exactly eq. 6).
-                loss = pmd_loss(lp_tok.sum(-1), logp_old_tok[rows, cols].sum(-1), adv[rows], cfg.tau,
+                loss = pmd_loss(lp_tok.sum(-1), logp_old_tok[rows].sum(-1), adv[rows], cfg.tau,
                                 lengths[rows])
             else:
-                loss = grpo_loss(lp_tok, logp_old_tok[rows, cols], adv[rows], R.response_mask[rows, cols],
+                loss = grpo_loss(lp_tok, logp_old_tok[rows], adv[rows], R.response_mask[rows],
                                  cfg.clip_eps)
             loss = loss * (lp_tok.shape[0] / B)
             loss.backward()

@@ -655,6 +655,15 @@ def test_pmd_step_micro_batching_equals_full_batch_and_grpo_shares_the_path():
     assert m["all_equal_share"] == pytest.approx(1 / 3) and math.isfinite(m["loss"])
 
 
+def test_micro_batches_cover_every_row_once_in_length_order():
+    model, tok, cfg, R = rollouts_for_step(seed=1)
+    batches = pm._micro_batches(R, 5)
+    rows = torch.cat(batches)
+    assert [len(b) for b in batches] == [5, 5, 2] and torch.equal(rows.sort().values, torch.arange(12))
+    n_real = R.attention_mask.sum(-1)[rows]                                # (B,) in micro-batch order
+    assert bool((n_real[1:] >= n_real[:-1]).all()) and n_real.unique().numel() > 1
+
+
 def test_pmd_step_stops_on_nan_before_touching_weights():
     model, tok, cfg, R = rollouts_for_step(seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
