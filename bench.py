@@ -31,7 +31,10 @@ What is measured, and how
   3. Every path runs twice with the same shapes. The first call is reported on its own (compilation,
      CUDA context and allocator warm-up land there); the second is the measurement. The GPU is
      drained (`torch.cuda.synchronize`) before and after each clock.
-  4. The full iteration is the second call of: sample_rollouts → random 0/1 rewards → pmd_step,
+  4. A ragged update row re-times `pmd_step` on the same rollouts cut to training-like lengths (each
+     prompt keeps Tp/2..Tp tokens, each response Tr/8..Tr, uniform). `pmd_step` takes micro-batches
+     in length order and left-aligns their rows, so its time should follow the real tokens.
+  5. The full iteration is the second call of: sample_rollouts → random 0/1 rewards → pmd_step,
      once per sampler. The sampling rows come from those calls; the update rows from the last one
      (with the compiled sampler, whose KV cache stays allocated between calls, inside the peak).
 
@@ -66,7 +69,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from pmd_mean import PMDConfig, compute_baseline, pmd_loss, pmd_step, sample_rollouts, sequence_logprobs
+from pmd_mean import PMDConfig, Rollouts, compute_baseline, pmd_loss, pmd_step, sample_rollouts, sequence_logprobs
 
 HERE = Path(__file__).resolve().parent
 # shared/ sits beside the repository in a workspace and inside it on some machines: try both.
@@ -160,6 +163,23 @@ def random_prompts(P: int, Tp: int, seed: int) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, 26, (P, Tp), generator=g)                       # (P, Tp)
     return ["".join(string.ascii_lowercase[i] for i in row) for row in idx.tolist()]
+
+
+def ragged(R: Rollouts, K: int, seed: int) -> Rollouts:
+    """The same rollouts with lengths as in training: each prompt keeps its last Tp/2..Tp tokens (the
+    rest becomes left padding) and each response its first Tr/8..Tr tokens, drawn uniformly."""
+    B, T = R.input_ids.shape
+    Tp, Tr = R.prompt_len, T - R.prompt_len
+    g = torch.Generator().manual_seed(seed)
+    keep_prompt = torch.randint(Tp // 2, Tp + 1, (B // K,), generator=g).repeat_interleave(K)  # (B,)
+    lengths = torch.randint(max(1, Tr // 8), Tr + 1, (B,), generator=g)                       # (B,)
+    col = torch.arange(T)                                                                      # (T,)
+    real_prompt = (col < Tp) & (col >= Tp - keep_prompt.unsqueeze(1))                         # (B, T)
+    response = (col >= Tp) & (col < Tp + lengths.unsqueeze(1))                                # (B, T)
+    dev = R.input_ids.device
+    return Rollouts(input_ids=R.input_ids, attention_mask=(real_prompt | response).long().to(dev),
+                    response_mask=response.long().to(dev), response_lengths=lengths.to(dev),
+                    finished=(lengths < Tr).to(dev), truncated=(lengths == Tr).to(dev), prompt_len=Tp)
 
 
 def failure(e: Exception) -> str:
@@ -322,6 +342,17 @@ def bench(args) -> dict:
                           s=metrics["time_update"], tok_s=B * T * U / metrics["time_update"], peak_gib=peak_step)
     rows["kl"] = dict(what="`pmd_step` KL pass after the updates (no grad)", first_s=None, s=metrics["time_kl"],
                       tok_s=B * T / metrics["time_kl"])
+    # The same update on ragged lengths: pmd_step orders and left-aligns rows, so its time should
+    # follow the real tokens, not the padded B·T.
+    Rr = ragged(rollouts, K, args.seed)
+    real = int(Rr.attention_mask.sum())
+    for _ in range(2):                                                     # first call, then the timed one
+        optimizer.zero_grad(set_to_none=True)
+        m_r, _, peak_r = timed(lambda: pmd_step(model, optimizer, Rr, rewards, cfg), device)
+    rows["update_ragged"] = dict(
+        what=f"`pmd_step` update, ragged lengths ({real / (B * T):.0%} of B·T real; "
+             f"time {m_r['time_update'] / metrics['time_update']:.0%} of the row above)",
+        first_s=None, s=m_r["time_update"], tok_s=real * U / m_r["time_update"], peak_gib=peak_r)
     samplers = [k for k in rows if k.startswith("sampler_") and "tok_s" in rows[k]]  # those that ran
 
     # --- 2. HF generate at the same shapes: sampling at T=1 with nothing truncated (top_k=0, top_p=1)
@@ -409,7 +440,7 @@ def report(res: dict) -> str:
         "| what | first call (s) | time (s) | tokens/s | ms/step | ours ÷ this | peak GiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    order = ["sampler_eager", "sampler_compiled", "generate", "generate_static", "update", "naive", "kl",
+    order = ["sampler_eager", "sampler_compiled", "generate", "generate_static", "update", "update_ragged", "naive", "kl",
              "iteration_eager", "iteration_compiled"]
     for key in [k for k in order if k in res["rows"]]:
         row = res["rows"][key]
@@ -420,7 +451,8 @@ def report(res: dict) -> str:
                      f"{fmt(row.get('tok_s'), ',.0f')} | {fmt(row.get('ms_step'), '.2f')} | {ratio_s} | {peak_s} |")
     lines += [
         "",
-        "tokens/s: sampling B·Tr/s (generated tokens); updates B·T·U/s; KL pass B·T/s. ours ÷ this: our "
+        "tokens/s: sampling B·Tr/s (generated tokens); updates B·T·U/s (ragged: real tokens·U/s); KL pass B·T/s. "
+        "ours ÷ this: our "
         "samplers' (or pmd_step's) tokens/s over the row's. Sampling and update rows come from the timed "
         "full iterations; their first calls (compilation included) are inside the iteration's first call.",
         f"check: chunked vs naive log π(y|x), max |difference| over {min(s['micro_batch'], s['B'])} sequences "

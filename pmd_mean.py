@@ -306,6 +306,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     positions that predict a response token, and push them through the output layer `chunk` rows at
     a time. With gradients on, each chunk is checkpointed: backward recomputes its (chunk, V) logits
     instead of keeping them all alive.
+
+    Each row's real tokens (attention_mask 1) must be contiguous, as in `Rollouts`: left padding,
+    prompt, response, right padding.
     """
     B, T = input_ids.shape
     body = model.base_model                                                # the transformer without lm_head
@@ -318,6 +321,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # tokens keep their order, so the flat list of their log-probs below is the same in both layouts.
     n_real = attention_mask.sum(-1)                                        # (B,)
     lead = attention_mask.long().argmax(-1)                                # (B,) first real column
+    last = T - 1 - attention_mask.long().flip(-1).argmax(-1)               # (B,) last real column
+    if not bool(((last - lead + 1 == n_real) | (n_real == 0)).all()):
+        raise ValueError("token_logprobs: a row's attention mask has a hole; real tokens must be contiguous")
     W = int(n_real.max())
     src = (lead.unsqueeze(1) + torch.arange(W, device=input_ids.device)).clamp(max=T - 1)  # (B, W) source column
     real = torch.arange(W, device=input_ids.device) < n_real.unsqueeze(1)  # (B, W)
@@ -708,7 +714,7 @@ def _micro_batches(rollouts: Rollouts, size: int) -> list[torch.Tensor]:
     The loss is a sum over rows, so which rows share a micro-batch changes nothing but float
     rounding. But a micro-batch costs as much as its longest row times its rows (`token_logprobs`
     left-aligns the rows and cuts the rest), so grouping short rows with short rows saves compute on
-    ragged responses: on GSM8K-shaped lengths, a third to a half of the update (README, Speed).
+    ragged responses: the update's time then follows the real tokens (`bench.py`, ragged row).
     """
     order = rollouts.attention_mask.sum(-1).argsort(stable=True)           # (B,) shortest first
     return list(order.split(size))                                         # [(b,), ...]

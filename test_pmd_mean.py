@@ -280,6 +280,9 @@ def test_left_padding_does_not_change_logprobs():
     attn = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones_like(seq)], 1)
     resp_p = torch.cat([torch.zeros(1, 7, dtype=torch.long), resp], 1)
     assert torch.allclose(plain, pm.sequence_logprobs(model, padded, attn, resp_p), atol=1e-5)
+    attn[0, -3] = 0                                                        # a hole: refused, not mis-shifted
+    with pytest.raises(ValueError, match="contiguous"):
+        pm.sequence_logprobs(model, padded, attn, resp_p)
 
 
 # -----------------------------------------------------------------------------
@@ -1117,7 +1120,7 @@ def test_bench_cpu_runs_every_row_and_its_logprob_check_agrees(tmp_path, capsys)
     res = json.loads(out.read_text())
     assert res["shapes"] == dict(P=2, K=2, B=4, Tp=4, Tr=5, T=9, updates=2, micro_batch=8, grad_checkpointing=False)
     rows = res["rows"]
-    for key in ("sampler_eager", "generate", "update", "naive", "kl", "iteration_eager"):
+    for key in ("sampler_eager", "generate", "update", "update_ragged", "naive", "kl", "iteration_eager"):
         assert rows[key]["s"] > 0, key
     # the sampler's ratio over generate is the ratio of the two measured token rates
     ratio = rows["sampler_eager"]["tok_s"] / rows["generate"]["tok_s"]
