@@ -319,14 +319,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # tokens (W), instead of the widest prompt plus the longest response. Nothing changes but float
     # rounding: positions come from the mask, a token attends to the same tokens, and the response
     # tokens keep their order, so the flat list of their log-probs below is the same in both layouts.
-    n_real = attention_mask.sum(-1)                                        # (B,)
-    lead = attention_mask.long().argmax(-1)                                # (B,) first real column
-    last = T - 1 - attention_mask.long().flip(-1).argmax(-1)               # (B,) last real column
+    mask = attention_mask.long()                                           # (B, T)
+    n_real = mask.sum(-1)                                                  # (B,)
+    lead = mask.argmax(-1)                                                 # (B,) first real column
+    last = T - 1 - mask.flip(-1).argmax(-1)                                # (B,) last real column
     if not bool(((last - lead + 1 == n_real) | (n_real == 0)).all()):
         raise ValueError("token_logprobs: a row's attention mask has a hole; real tokens must be contiguous")
     W = int(n_real.max())
-    src = (lead.unsqueeze(1) + torch.arange(W, device=input_ids.device)).clamp(max=T - 1)  # (B, W) source column
-    real = torch.arange(W, device=input_ids.device) < n_real.unsqueeze(1)  # (B, W)
+    col = torch.arange(W, device=input_ids.device)                         # (W,)
+    src = (lead.unsqueeze(1) + col).clamp(max=T - 1)                       # (B, W) source column
+    real = col < n_real.unsqueeze(1)                                       # (B, W)
     ids = input_ids.gather(1, src)                                         # (B, W) left-aligned
     resp = response_mask.gather(1, src).bool() & real                      # (B, W)
     hidden = body(input_ids=ids, attention_mask=real.long(), position_ids=_position_ids(real.long()),
@@ -791,7 +793,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
             lp_tok = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
                                     cfg.logprob_chunk)                     # (b, T)
             if fold and update == 0:
-                logp_old_tok[rows] = lp_tok.detach()                 # log π_t, see above
+                logp_old_tok[rows] = lp_tok.detach()                       # log π_t, see above
             if cfg.loss == "pmd":
                 # eq. (5) on this micro-batch, weighted so the sum over micro-batches is the batch mean.
                 # Δ = 0 on the first update when folded (exactly eq. 6).
