@@ -532,6 +532,11 @@ def _decoder(model, B: int, K: int, L: int, compile: bool) -> _Decoder:
         # kernels, which is where most of an eager 0.5B decode step goes). The CPU compiles without graphs.
         mode = "reduce-overhead" if device.type == "cuda" else None
         dec.step = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+        # Trap: every shape compiles the same function once more, and dynamo allows only
+        # `recompile_limit` (8) compiles of one function; with fullgraph=True the next one raises.
+        # One compile per shape is the design here, so each new decoder makes room for itself.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, getattr(torch._dynamo.config, limit) + 1)
         store[key] = dec
     return dec
 

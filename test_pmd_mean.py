@@ -542,6 +542,19 @@ def test_compiled_decoder_is_reused_across_calls_without_recompiling(device):
     assert torch.equal(eager.input_ids[:, eager.prompt_len:], first.input_ids[:, first.prompt_len:])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_sampler_takes_more_shapes_than_dynamos_recompile_limit():
+    """Each prompt bucket is one more compile of the same decode step; dynamo's per-function limit
+    (8 by default; 1 here) must not end sampling with FailOnRecompileLimitHit at the next shape."""
+    torch._dynamo.reset()
+    model, tok = make_model(seed=9, eos_bias=1.0, init=0.1)
+    cfg = pm.PMDConfig(max_new_tokens=3, samples_per_prompt=2, compile_decode=True, prompt_bucket=8)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 1}):                        # the older name: older torch
+        lens = [pm.sample_rollouts(model, tok, ["x" * n], 2, cfg).prompt_len for n in (3, 12)]
+    assert lens == [8, 16] and len(model._pmd_decoders) == 2
+
+
 # -----------------------------------------------------------------------------
 # Rewards
 
