@@ -404,6 +404,13 @@ def test_gqa_attention_matches_naive_attention_with_repeated_heads():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@torch.no_grad()
+def full_forward_logits(model, R):
+    """The reference for every sampler check: one plain forward pass over the rollouts, no cache."""
+    return model(input_ids=R.input_ids, attention_mask=R.attention_mask,
+                 position_ids=pm._position_ids(R.attention_mask)).logits  # (B, T, V)
+
+
 def record_sampling_logits(monkeypatch):
     """Patch pm.sample_next_token to keep a copy of the logits it is given, step by step."""
     seen, real = [], pm.sample_next_token
@@ -433,9 +440,7 @@ def test_sampler_draws_from_the_full_forward_distribution(monkeypatch, device, c
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     assert R.finished.any() and (R.response_lengths > 1).any()
     assert R.prompt_len == (32 if compile_decode else 27)                  # 27 tokens, bucketed to 32
-    with torch.no_grad():
-        ref = model(input_ids=R.input_ids, attention_mask=R.attention_mask,
-                    position_ids=pm._position_ids(R.attention_mask)).logits  # (B, T, V)
+    ref = full_forward_logits(model, R)                                    # (B, T, V)
     assert len(seen) == int(R.response_lengths.max())
     for t, logits in enumerate(seen):                                      # step t drew token Tp + t
         live = R.response_lengths > t                                      # rows still generating
@@ -457,9 +462,7 @@ def test_sampler_on_the_real_qwen2_5_architecture(monkeypatch):
     torch.manual_seed(1)
     R = pm.sample_rollouts(model, tok, PROMPTS[:2], 2, pm.PMDConfig(max_new_tokens=5, samples_per_prompt=2))
     assert R.input_ids.shape == (4, R.prompt_len + 5) and int(R.input_ids.max()) >= 258  # drew from all of V
-    with torch.no_grad():
-        ref = model(input_ids=R.input_ids, attention_mask=R.attention_mask,
-                    position_ids=pm._position_ids(R.attention_mask)).logits  # (B, T, V)
+    ref = full_forward_logits(model, R)                                    # (B, T, V)
     for t, logits in enumerate(seen):
         assert torch.allclose(logits, ref[:, R.prompt_len + t - 1], atol=1e-4), f"step {t}"
 
@@ -498,9 +501,7 @@ def test_greedy_bf16_equals_generate_until_the_first_near_tie(device, layers, co
     ours = R.input_ids[:, Tp:]                                             # (B, Tr)
     assert torch.equal(ours[0::2], ours[1::2])                             # greedy: both samples of a prompt agree
     n = R.response_lengths                                                 # (B,) an EOS may end a row early
-    with torch.no_grad():
-        ref = model(input_ids=R.input_ids, attention_mask=R.attention_mask,
-                    position_ids=pm._position_ids(R.attention_mask)).logits.float()  # (B, T, V)
+    ref = full_forward_logits(model, R).float()                            # (B, T, V)
     equal_tokens = 0
     for p in range(len(prompts)):
         m = int(n[2 * p])
@@ -550,7 +551,7 @@ def test_compiled_sampler_takes_more_shapes_than_dynamos_recompile_limit():
     model, tok = make_model(seed=9, eos_bias=1.0, init=0.1)
     cfg = pm.PMDConfig(max_new_tokens=3, samples_per_prompt=2, compile_decode=True, prompt_bucket=8)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    with torch._dynamo.config.patch(**{limit: 1}):                        # the older name: older torch
+    with torch._dynamo.config.patch(**{limit: 1}):
         lens = [pm.sample_rollouts(model, tok, ["x" * n], 2, cfg).prompt_len for n in (3, 12)]
     assert lens == [8, 16] and len(model._pmd_decoders) == 2
 
