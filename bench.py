@@ -87,6 +87,17 @@ class UsageError(Exception):
     """Bad flags: main() prints the one sentence and exits with code 2."""
 
 
+class Rows(dict):
+    """The table's rows, {key: {what, first_s, s, tok_s, ms_step, peak_gib}}. Each row is also echoed
+    to stderr the moment it is measured, so a run that is cut short (killed at a time limit, out of
+    memory) still leaves every number it got."""
+
+    def __setitem__(self, key: str, row: dict):
+        super().__setitem__(key, row)
+        got = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+        print(f"[bench] {row['what']}" + (f": {got}" if got else ""), file=sys.stderr, flush=True)
+
+
 # -----------------------------------------------------------------------------
 # Plumbing: device, model, tokenizer, prompts, timing
 
@@ -298,7 +309,7 @@ def bench(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device == "cuda")
     g = torch.Generator().manual_seed(args.seed)
     rewards = torch.bernoulli(torch.full((B,), 0.5), generator=g).tolist()  # B random 0/1 rewards
-    rows = {}
+    rows = Rows()
 
     # --- 1. the full PMD iteration: sample_rollouts → rewards → pmd_step, first call then timed call;
     # once with the eager decode loop and once with the compiled decode step (cfg.compile_decode)
