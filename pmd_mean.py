@@ -6,7 +6,7 @@ bandit; `train_math.py` runs this same code on a small LLM; `test_pmd_mean.py` c
 below against an independent reference.
 
     python train_math.py                      # the tiny offline model on built-in arithmetic (CPU or GPU)
-    python -m pytest -q test_pmd_mean.py      # the tests (CPU, under a minute)
+    python -m pytest -q test_pmd_mean.py      # the tests (CPU, about a minute)
 
 Symbols and shapes (used in every shape comment below)
 ------------------------------------------------------
