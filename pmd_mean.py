@@ -79,23 +79,52 @@ after sampling, π_θ = π_t so Δ = 0 and
     ∇L = −A·∇log π_θ(y) / |y|                                                                (6)
 
 which is length-normalised REINFORCE with baseline b. PMD departs from policy gradient only on the
-second and later updates on the same rollouts, where the −τ·Δ term pulls the log-ratio back
-towards its target A/τ instead of pushing it without limit: the regression has a fixed point.
+second and later optimizer steps on the same rollouts, where the −τ·Δ term pulls the log-ratio
+back towards its target A/τ instead of pushing it without limit: the regression has a fixed point.
 
-6. Where this code departs from the papers
+6. The paper's training regime: many mini-batch steps per rollout batch
+-----------------------------------------------------------------------
+The paper's runs (OpenKimi) cut each rollout batch of P prompts × K samples into M mini-batches of
+whole prompt groups and take one optimizer step on each, every one regressing against the SAME
+sampling policy π_t and the SAME advantages, both computed once before the first step:
+
+    for m = 1..M:   θ ← θ − η·∇_θ (1/|b_m|)·Σ_{i ∈ b_m} L_i(θ),   Δ_i = log π_θ(y_i) − log π_t(y_i)     (7)
+
+Only the first mini-batch sees Δ = 0; from the second on π_θ ≠ π_t (the earlier steps moved it), so
+(5) differs from policy gradient on almost every step, and each expensive rollout batch buys M
+optimizer steps. `PMDConfig.minibatches` is M, `updates_per_batch` repeats the whole pass.
+
+7. The baselines we compare with: GRPO and GSPO
+-----------------------------------------------
+Both use the group z-score Â_i = (r_i − mean_j r_j)/std_j r_j. GRPO clips a ratio per TOKEN,
+ρ_t = π_θ(y_t|·)/π_t(y_t|·); GSPO (arXiv 2507.18071) clips one length-normalised ratio per SEQUENCE,
+
+    s_i = exp( (1/|y_i|)·Σ_t (log π_θ(y_t|·) − log π_t(y_t|·)) ) = (π_θ(y_i)/π_t(y_i))^{1/|y_i|}
+    L_GSPO = −(1/B)·Σ_i min( s_i·Â_i, clip(s_i, 1 − ε_low, 1 + ε_high)·Â_i ),  ε = 3e-4, 4e-4     (8)
+
+Neither has a fixed point: with Â > 0 they push the ratio up until the clip stops the gradient.
+PMD's regression (5) instead pulls Δ to A/τ and then stops.
+
+We also log the entropy of π_t over the response tokens, H = −Σ_v π_t(v|·)·log π_t(v|·), averaged
+over tokens: the paper's figure tracks it, since a collapsing entropy means a collapsing search.
+
+8. Where this code departs from the papers
 ------------------------------------------
   1. Log-probs are evaluated at temperature 1. Samples come from π_t only when
      `temperature == 1` and `top_p == 1` (the defaults); otherwise the regression targets a
      slightly different policy, as in most open implementations.
   2. Leave-one-out baselines by default (as OpenKimi), while the paper analyses the plain mean.
-  3. Each "update" is one optimizer step on the whole rollout batch (gradients accumulated over
-     micro-batches), repeated `updates_per_batch` times. OpenKimi splits the batch into
-     mini-batches instead; with one mini-batch the two agree.
+  3. Mini-batches hold whole prompt groups, contiguous in the batch's (already shuffled) prompt
+     order, the same split in every pass: as verl splits its prompt-major rows. The default is
+     M = 1 (one step on the whole batch, repeated `updates_per_batch` times); the paper's runs use
+     M = 16 and one pass.
   4. The KL(π_t‖π_θ) and λ we log are single-sample Monte-Carlo estimates,
-     mean_i (log π_t(y_i) − log π_θ(y_i)) over the batch, measured after the last update.
-  5. Kimi K1.5 adds a length penalty and filters prompts by difficulty; we do neither.
-  6. GRPO (for comparison only) uses token-level ratios with seq-mean-token-mean aggregation and no
-     KL term, so it shares every other line with PMD.
+     mean_i (log π_t(y_i) − log π_θ(y_i)) over the batch, measured after the last optimizer step.
+  5. Kimi K1.5 adds a length penalty; we do not. Its prompt filter by difficulty is available in
+     OpenKimi's form, off by default: groups whose mean reward is not inside (lb, ub) get weight 0
+     (`reward_bounds`). Kimi K1.5 also resets the optimizer every iteration (`reset_optimizer`,
+     off by default, as in OpenKimi).
+  6. GRPO and GSPO (for comparison only) have no KL term and share every other line with PMD.
   7. Sampling and training compute π_t with different kernels (a cached decode step with our own
      attention, optionally compiled, vs. a full forward pass), so the distribution we sample from
      and the log π_t we regress against agree only up to rounding: to 1e-4 in float32 and about
@@ -141,14 +170,25 @@ class PMDConfig:
     leave_one_out: bool = True
     """Exclude sample i from its own baseline, as OpenKimi does (b_i independent of r_i)."""
     loss: str = "pmd"
-    """"pmd" (eq. 5) or "grpo" (clipped surrogate with z-scored advantages, for comparison)."""
+    """"pmd" (eq. 5), or for comparison "grpo" (token-ratio clip) or "gspo" (sequence-ratio clip, eq. 8)."""
     clip_eps: float = 0.2
     """GRPO only: PPO clip range of the token ratio."""
+    gspo_clip: tuple = (3e-4, 4e-4)
+    """GSPO only: (ε_low, ε_high) of the sequence ratio, the GSPO paper's values."""
+    reward_bounds: tuple | None = None
+    """(lb, ub): groups whose mean reward is not strictly inside get weight 0 (OpenKimi's
+    partition_reward_lb/ub; Kimi's prompt filter). None: every group counts."""
 
     # --- optimisation
     updates_per_batch: int = 2
-    """Optimizer steps on the same rollouts. 1 is exactly REINFORCE (eq. 6); more lets the
-    regression pull Δ towards A/τ, which is where PMD differs from policy gradient."""
+    """Passes over the same rollouts. With M = 1, one pass is one step and exactly REINFORCE
+    (eq. 6); more lets the regression pull Δ towards A/τ, where PMD differs from policy gradient."""
+    minibatches: int = 1
+    """M: each pass is split into M mini-batches of whole prompt groups, one optimizer step each
+    (eq. 7), so a rollout batch gives updates_per_batch × M steps. The paper's runs: M = 16."""
+    reset_optimizer: bool = False
+    """Clear the optimizer's state (Adam's moments and step count) at the start of every PMD
+    iteration, as Kimi K1.5 does; off in OpenKimi by default."""
     micro_batch_size: int = 32
     """Sequences per forward/backward; gradients are accumulated to the full batch. Memory only."""
     lr: float = 1e-4
@@ -191,8 +231,12 @@ class PMDConfig:
                              "the baseline needs a group.")
         if self.baseline not in ("mean", "partition"):
             raise ValueError(f"baseline must be 'mean' or 'partition' (got {self.baseline!r}).")
-        if self.loss not in ("pmd", "grpo"):
-            raise ValueError(f"loss must be 'pmd' or 'grpo' (got {self.loss!r}).")
+        if self.loss not in ("pmd", "grpo", "gspo"):
+            raise ValueError(f"loss must be 'pmd', 'grpo' or 'gspo' (got {self.loss!r}).")
+        if self.minibatches < 1:
+            raise ValueError(f"minibatches must be >= 1 (got {self.minibatches}).")
+        if self.reward_bounds is not None and not self.reward_bounds[0] < self.reward_bounds[1]:
+            raise ValueError(f"reward_bounds must be (lb, ub) with lb < ub (got {tuple(self.reward_bounds)}).")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0 (got {self.max_new_tokens}).")
         if self.updates_per_batch < 1 or self.micro_batch_size < 1 or self.prompt_bucket < 1:
@@ -237,18 +281,21 @@ def compute_baseline(rewards: torch.Tensor, tau: float, kind: str = "mean",
 
 
 def pmd_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
-             tau: float, lengths: torch.Tensor) -> torch.Tensor:
+             tau: float, lengths: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (5): mean over sequences of 0.5·τ·(A/τ − Δ)²/|y|. All inputs (B,); returns a scalar.
 
     This is OpenKimi's `opmd` policy loss with seq-mean-token-mean aggregation: the per-token loss
     is the sequence's squared residual spread evenly over its |y| tokens, averaged per sequence,
     then over sequences. The loss VALUE means little (it is a regression residual, not a reward);
-    watch reward, accuracy and KL instead.
+    watch reward, accuracy and KL instead. `weights` (B,), optional: per-sequence weights (the
+    group filter); the mean still divides by B, as OpenKimi's `partition_weights` do.
     """
     # Δ = log π_θ(y) − log π_t(y), a sum over the response tokens
     delta = logp - logp_old                                                # (B,)
     # L_i = 0.5·τ·(A_i/τ − Δ_i)² / |y_i|
     per_seq = 0.5 * tau * (advantages / tau - delta) ** 2 / lengths        # (B,)
+    if weights is not None:
+        per_seq = per_seq * weights                                        # (B,)
     return per_seq.mean()
 
 
@@ -276,6 +323,22 @@ def grpo_loss(logp_tok: torch.Tensor, logp_old_tok: torch.Tensor, advantages: to
     return per_seq.mean()
 
 
+def gspo_loss(logp_tok: torch.Tensor, logp_old_tok: torch.Tensor, advantages: torch.Tensor,
+              response_mask: torch.Tensor, clip_low: float = 3e-4, clip_high: float = 4e-4) -> torch.Tensor:
+    """GSPO's clipped surrogate, eq. (8): one length-normalised ratio per SEQUENCE, clipped.
+
+    Same inputs as `grpo_loss`. The clip range is tiny (3e-4, 4e-4) because s_i is a per-token
+    geometric mean: one sequence-level ratio of 1.0004 is a whole response moved by 0.04% per token.
+    """
+    mask = response_mask.to(logp_tok.dtype)                                # (B, T)
+    n_tok = mask.sum(-1).clamp(min=1)                                      # (B,) |y_i|
+    # s_i = exp( (1/|y_i|)·Σ_t (log π_θ − log π_t) ), the sequence ratio's |y_i|-th root
+    s = torch.exp(((logp_tok - logp_old_tok) * mask).sum(-1) / n_tok)      # (B,)
+    # per-sequence loss −min(s·Â, clip(s, 1−ε_low, 1+ε_high)·Â), then the mean over sequences
+    surrogate = torch.minimum(s * advantages, s.clamp(1 - clip_low, 1 + clip_high) * advantages)  # (B,)
+    return -surrogate.mean()
+
+
 # -----------------------------------------------------------------------------
 # Log-probabilities of responses under a causal LM
 
@@ -290,16 +353,31 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)                         # (B, T)
 
 
-def _gather_logprobs(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(lm_head(h))[target] for n rows: (n, H), (n,) → (n,), via logit − logsumexp."""
+def _gather_logprobs(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                     entropy: bool = False):
+    """log softmax(lm_head(h))[target] for n rows: (n, H), (n,) → (n,), via logit − logsumexp.
+
+    With `entropy`, also the entropy of each row's distribution, (n,), no gradient (a metric).
+    """
     logits = lm_head(h).float()                                            # (n, V), float32 for this chunk only
+    lse = torch.logsumexp(logits, dim=-1)                                  # (n,)
     # log π(y_t | y_<t) = z_{y_t} − log Σ_v e^{z_v}
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse         # (n,)
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        # H = −Σ_v p_v·log p_v = log Σ_v e^{z_v} − Σ_v p_v·z_v   (p = softmax(z))
+        ent = lse - (logits.softmax(-1) * logits).sum(-1)                  # (n,)
+    return logp, ent
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   response_mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+                   response_mask: torch.Tensor, chunk: int = 1024, entropy: bool = False):
     """Log-prob of every response token, (B, T), 0 at prompt and padding positions.
+
+    With `entropy=True` returns (log-probs, entropies): the second (B, T) holds the entropy of the
+    next-token distribution that predicted each response token, from the same logits chunks (no
+    extra forward pass, never a (B, T, V) tensor) and without gradient.
 
     Memory trap: the full (B, T, V) log-softmax in float32 is 4·B·T·V bytes: 60 GB for 512 × 384
     tokens of Qwen2.5 (V = 151,936). We run the transformer body once, keep only the hidden states of
@@ -342,13 +420,19 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for s in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
             pieces.append(torch.utils.checkpoint.checkpoint(
-                _gather_logprobs, lm_head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False))
+                _gather_logprobs, lm_head, h[s:s + chunk], targets[s:s + chunk], entropy, use_reentrant=False))
         else:
-            pieces.append(_gather_logprobs(lm_head, h[s:s + chunk], targets[s:s + chunk]))
-    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
-    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # (B, T), the input's layout
-    out[:, 1:] = out[:, 1:].masked_scatter(response_mask[:, 1:].bool(), flat)  # differentiable scatter
-    return out
+            pieces.append(_gather_logprobs(lm_head, h[s:s + chunk], targets[s:s + chunk], entropy))
+    if entropy:
+        pieces, ent_pieces = [p[0] for p in pieces], [p[1] for p in pieces]
+
+    def to_layout(chunks):                                                 # [(n,), ...] → (B, T)
+        flat = torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)  # (N,)
+        out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)  # (B, T), the input's layout
+        out[:, 1:] = out[:, 1:].masked_scatter(response_mask[:, 1:].bool(), flat)  # differentiable scatter
+        return out
+
+    return (to_layout(pieces), to_layout(ent_pieces)) if entropy else to_layout(pieces)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -712,34 +796,76 @@ def math_reward(completion: str, gold: str) -> float:
     return float(a == b)
 
 
+def majority_vote(completions: list[str]) -> int | None:
+    """Index of the completion whose final answer is the most frequent (maj@k), or None.
+
+    Answers are compared as numbers (18.00 = 18, 3/4 = 0.75); a tie goes to the answer seen first;
+    unparseable completions never vote, and None comes back only if none parses.
+    """
+    counts, first = {}, {}                                                 # answer → votes, → first index
+    for i, c in enumerate(completions):
+        a = extract_answer(c)
+        if a is None:
+            continue
+        key = _to_fraction(a) if _to_fraction(a) is not None else _clean(a)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return min(first[a] for a, n in counts.items() if n == best)
+
+
 # -----------------------------------------------------------------------------
-# One PMD iteration: log π_t, baselines, then `updates_per_batch` regression steps
+# One PMD iteration: log π_t, baselines, then updates_per_batch × M regression steps
 
 
-def _micro_batches(rollouts: Rollouts, size: int) -> list[torch.Tensor]:
+def _minibatches(P: int, K: int, M: int) -> list[torch.Tensor]:
+    """Row indices of M disjoint mini-batches of whole prompt groups, prompts in batch order.
+
+    Whole groups, not shuffled rows: a group's rows share one baseline and one filter weight, so a
+    mini-batch then holds complete regression problems, and it is what verl does with its
+    prompt-major rows (the prompts are already in a seeded random order). P need not divide by M:
+    the sizes then differ by one group.
+    """
+    groups = torch.arange(P).tensor_split(M)                               # M × (P_m,) prompt indices
+    return [(g.unsqueeze(1) * K + torch.arange(K)).flatten() for g in groups]  # M × (P_m·K,) rows
+
+
+def _micro_batches(rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices of each micro-batch, `size` rows each, taken in order of length (real tokens).
 
     The loss is a sum over rows, so which rows share a micro-batch changes nothing but float
     rounding. But a micro-batch costs as much as its longest row times its rows (`token_logprobs`
     left-aligns the rows and cuts the rest), so grouping short rows with short rows saves compute on
     ragged responses: the update's time then follows the real tokens (`bench.py`, ragged row).
+    `rows`: split only these rows (one mini-batch); default all.
     """
-    order = rollouts.attention_mask.sum(-1).argsort(stable=True)           # (B,) shortest first
-    return list(order.split(size))                                         # [(b,), ...]
+    if rows is None:
+        rows = torch.arange(rollouts.input_ids.shape[0])                   # (B,)
+    n_real = rollouts.attention_mask.sum(-1).cpu()[rows]                   # (b,)
+    return list(rows[n_real.argsort(stable=True)].split(size))             # [(≤ size,), ...] shortest first
 
 
-def _logprobs_no_grad(model, rollouts: Rollouts, batches: list, cfg: PMDConfig) -> torch.Tensor:
-    """Token log-probs of every rollout under the model as it is now, (B, T), no graph."""
+def _logprobs_no_grad(model, rollouts: Rollouts, batches: list, cfg: PMDConfig, entropy: bool = False):
+    """Token log-probs of every rollout under the model as it is now, (B, T), no graph.
+
+    With `entropy`, also the per-token entropies (B, T) (see `token_logprobs`)."""
     R = rollouts
     out = torch.zeros(R.input_ids.shape, dtype=torch.float32, device=R.input_ids.device)  # (B, T)
+    ent = torch.zeros_like(out)                                            # (B, T)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for rows in batches:
-            out[rows] = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
-                                       cfg.logprob_chunk)
+            res = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
+                                 cfg.logprob_chunk, entropy=entropy)
+            if entropy:
+                out[rows], ent[rows] = res
+            else:
+                out[rows] = res
     model.train(was_training)
-    return out
+    return (out, ent) if entropy else out
 
 
 def _has_dropout(model) -> bool:
@@ -756,33 +882,64 @@ def _sync(device) -> None:
 def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> dict:
     """One PMD iteration on sampled rollouts. rewards: B floats, prompt-major. Returns metrics.
 
+    updates_per_batch passes over the rollouts, each cut into M mini-batches of whole prompt groups
+    (`_minibatches`), one optimizer step per mini-batch (eq. 7): updates_per_batch × M steps, all
+    regressing against the same log π_t and advantages. The learning rate is whatever the caller
+    set on the optimizer: constant within the iteration.
+
+    The group filter (`cfg.reward_bounds`) zeroes the loss of groups whose mean reward is outside
+    (lb, ub); each mini-batch's mean still divides by all its rows. With more than one step this is
+    not free: for PMD a group with A = 0 still contributes 0.5·τ·Δ²/|y|, a KL-like anchor that
+    pulls its Δ back to 0 once earlier steps have moved it; dropping the group drops the anchor.
+
     Raises FloatingPointError (before touching the weights) if a loss or gradient is not finite.
     """
     device = rollouts.input_ids.device
-    B, K = rollouts.input_ids.shape[0], cfg.samples_per_prompt
+    B, K, M = rollouts.input_ids.shape[0], cfg.samples_per_prompt, cfg.minibatches
     if B % K:
         raise ValueError(f"batch of {B} rollouts is not a whole number of groups of K={K}")
-    r = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(B // K, K)  # (P, K)
+    P = B // K
+    if M > P:
+        raise ValueError(f"cannot split {P} prompt groups into {M} mini-batches (minibatches must be <= prompts)")
+    r = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(P, K)  # (P, K)
     lengths = rollouts.response_lengths.clamp(min=1).float()               # (B,)
 
-    batches = _micro_batches(rollouts, cfg.micro_batch_size)              # row indices, reused by every pass
+    # Mini-batches (whole groups), each cut into micro-batches in length order; reused by every pass.
+    minibatches = [_micro_batches(rollouts, cfg.micro_batch_size, rows) for rows in _minibatches(P, K, M)]
 
-    # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration. Before the
-    # first optimizer step π_θ IS π_t, so the first update's own forward pass gives log π_t exactly
-    # and we keep a detached copy (one forward pass over the batch saved). A model with dropout
-    # gives a different number in train mode: it gets the separate no-grad pass in eval mode.
+    # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration, and the
+    # entropy of π_t (a metric). With one mini-batch, π_θ IS π_t until the first optimizer step, so
+    # the first update's own forward pass gives log π_t exactly and we keep a detached copy (one
+    # forward pass over the batch saved). With M > 1 the second mini-batch is seen after a step, and
+    # a model with dropout gives a different number in train mode: both get a separate no-grad pass
+    # over the whole batch, before any step.
     t0 = time.perf_counter()
-    fold = not _has_dropout(model)
+    fold = M == 1 and not _has_dropout(model)
     if fold:
         logp_old_tok = torch.zeros(rollouts.input_ids.shape, dtype=torch.float32, device=device)  # (B, T), filled below
+        entropy_tok = torch.zeros_like(logp_old_tok)                       # (B, T), filled below
     else:
-        logp_old_tok = _logprobs_no_grad(model, rollouts, batches, cfg)    # (B, T)
+        logp_old_tok, entropy_tok = _logprobs_no_grad(model, rollouts, _micro_batches(rollouts, cfg.micro_batch_size),
+                                                      cfg, entropy=True)   # (B, T), (B, T)
     _sync(device)
     t_logprobs = time.perf_counter() - t0
 
     # A = r − b, b ≈ τ·log Z_t (PMD-mean: the group mean; PMD-part: τ·log-mean-exp)
     adv_pmd = (r - compute_baseline(r, cfg.tau, cfg.baseline, cfg.leave_one_out)).reshape(B)  # (B,)
     adv = adv_pmd if cfg.loss == "pmd" else grpo_advantages(r).reshape(B)  # (B,)
+
+    # Group filter: weight w_p = 1 iff lb < mean_k r_pk < ub. For GRPO and GSPO a zero advantage
+    # already means zero loss and zero gradient, so w·A is the filter; PMD's loss needs the weight.
+    keep = torch.ones(P, dtype=torch.bool, device=device)                  # (P,)
+    if cfg.reward_bounds is not None:
+        lb, ub = cfg.reward_bounds
+        keep = (r.mean(1) > lb) & (r.mean(1) < ub)                         # (P,)
+    weights = keep.float().repeat_interleave(K)                            # (B,)
+    if cfg.loss != "pmd":
+        adv = adv * weights
+
+    if cfg.reset_optimizer:
+        optimizer.state.clear()                                            # Kimi K1.5: fresh moments every iteration
 
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -792,42 +949,52 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
         model.gradient_checkpointing_enable()
     losses, grad_norms = [], []
     for update in range(cfg.updates_per_batch):
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for rows in batches:
-            R = rollouts
-            lp_tok = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
-                                    cfg.logprob_chunk)                     # (b, T)
-            if fold and update == 0:
-                logp_old_tok[rows] = lp_tok.detach()                       # log π_t, see above
-            if cfg.loss == "pmd":
-                # eq. (5) on this micro-batch, weighted so the sum over micro-batches is the batch mean.
-                # Δ = 0 on the first update when folded (exactly eq. 6).
-                loss = pmd_loss(lp_tok.sum(-1), logp_old_tok[rows].sum(-1), adv[rows], cfg.tau,
-                                lengths[rows])
-            else:
-                loss = grpo_loss(lp_tok, logp_old_tok[rows], adv[rows], R.response_mask[rows],
-                                 cfg.clip_eps)
-            loss = loss * (lp_tok.shape[0] / B)
-            loss.backward()
-            total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+        for m, micro_batches in enumerate(minibatches):
+            n_rows = sum(len(rows) for rows in micro_batches)              # rows in this mini-batch
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite loss or gradient at update {update + 1} "
-                                     f"(loss {float(total)}, grad norm {float(grad_norm)})")
-        optimizer.step()
-        losses.append(float(total))
-        grad_norms.append(float(grad_norm))
+            total = torch.zeros((), device=device)
+            for rows in micro_batches:
+                R = rollouts
+                if fold and update == 0:
+                    lp_tok, ent_tok = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows],
+                                                     R.response_mask[rows], cfg.logprob_chunk, entropy=True)
+                    logp_old_tok[rows], entropy_tok[rows] = lp_tok.detach(), ent_tok  # log π_t, see above
+                else:
+                    lp_tok = token_logprobs(model, R.input_ids[rows], R.attention_mask[rows], R.response_mask[rows],
+                                            cfg.logprob_chunk)             # (b, T)
+                if cfg.loss == "pmd":
+                    # eq. (5); Δ = 0 on the first step when folded (exactly eq. 6)
+                    loss = pmd_loss(lp_tok.sum(-1), logp_old_tok[rows].sum(-1), adv[rows], cfg.tau,
+                                    lengths[rows], weights[rows])
+                elif cfg.loss == "grpo":
+                    loss = grpo_loss(lp_tok, logp_old_tok[rows], adv[rows], R.response_mask[rows], cfg.clip_eps)
+                else:
+                    loss = gspo_loss(lp_tok, logp_old_tok[rows], adv[rows], R.response_mask[rows], *cfg.gspo_clip)
+                loss = loss * (lp_tok.shape[0] / n_rows)                   # so the micro-batches sum to the mini-batch mean
+                loss.backward()
+                total += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite loss or gradient at update {update + 1}, mini-batch {m + 1} "
+                                         f"(loss {float(total)}, grad norm {float(grad_norm)})")
+            optimizer.step()
+            losses.append(float(total))
+            grad_norms.append(float(grad_norm))
     _sync(device)
     t_update = time.perf_counter() - t0
     logp_old = logp_old_tok.sum(-1)                                        # (B,) log π_t(y)
+    resp = rollouts.response_mask.bool()                                   # (B, T)
 
     groups_equal = (r == r[:, :1]).all(dim=1).float().mean()               # share of all-equal groups
     metrics = {
         "loss": sum(losses) / len(losses),
         "reward": float(r.mean()),
         "all_equal_share": float(groups_equal),
+        "filtered_share": float(1 - weights.mean()),                       # rows given weight 0 by the filter
+        "optimizer_steps": len(losses),
+        # mean per-token entropy of π_t over the response tokens, H = −Σ_v p_v·log p_v (nats)
+        "entropy": float(entropy_tok[resp].mean()) if bool(resp.any()) else 0.0,
         "grad_norm": sum(grad_norms) / len(grad_norms),
         "response_length": float(rollouts.response_lengths.float().mean()),
         "truncated_share": float(rollouts.truncated.float().mean()),
@@ -837,9 +1004,9 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     if not cfg.measure_kl:
         return metrics
 
-    # After the updates: how far did π_θ move from π_t on these samples? (one more no-grad pass)
+    # After the last step: how far did π_θ move from π_t on these samples? (one more no-grad pass)
     t0 = time.perf_counter()
-    logp_new = _logprobs_no_grad(model, rollouts, batches, cfg).sum(-1)    # (B,)
+    logp_new = _logprobs_no_grad(model, rollouts, _micro_batches(rollouts, cfg.micro_batch_size), cfg).sum(-1)  # (B,)
     delta = logp_new - logp_old                                            # (B,) Δ
     # KL(π_t ‖ π_θ) = E_{y~π_t}[log π_t(y) − log π_θ(y)] ≈ mean_i(−Δ_i)  (y_i ~ π_t)
     kl = float((-delta).mean())

@@ -7,6 +7,7 @@ Every test compares against an independent reference (a hand computation, a naiv
 a closed form or a limit). Models are tiny random Qwen2s with a byte-level tokenizer built in code.
 """
 
+import copy
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"                                         # never touch the network
@@ -717,6 +718,154 @@ def test_first_update_supplies_log_pi_t_exactly():
     assert torch.allclose(results[False], results[True], atol=1e-6)
 
 
+def naive_minibatch_iteration(model, R, rewards, tau, K, M, U, bounds=None, lr=0.1, clip=1.0):
+    """Eq. (7) written out: log π_t once, then U passes of M steps on contiguous prompt groups, the
+    loss of each row computed on its own (no micro-batches, no folding). Returns the weights."""
+    B = R.input_ids.shape[0]
+    P = B // K
+    r = torch.tensor(rewards, dtype=torch.float32).reshape(P, K)
+    with torch.no_grad():
+        logp_t = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)  # (B,), fixed
+    A = (r - pm.compute_baseline(r, tau, "mean", True)).flatten()
+    w = torch.ones(P)
+    if bounds is not None:
+        w = ((r.mean(1) > bounds[0]) & (r.mean(1) < bounds[1])).float()
+    groups = np.array_split(np.arange(P), M)                               # contiguous prompt groups
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(U):
+        for g in groups:
+            rows = [p * K + k for p in g for k in range(K)]
+            opt.zero_grad()
+            loss = 0.0
+            for i in rows:
+                sl = slice(i, i + 1)
+                lp = pm.sequence_logprobs(model, R.input_ids[sl], R.attention_mask[sl], R.response_mask[sl])[0]
+                n = float(R.response_lengths[i])
+                loss = loss + w[i // K] * 0.5 * tau * (A[i] / tau - (lp - logp_t[i])) ** 2 / n
+            (loss / len(rows)).backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+            opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("M,U,bounds", [(1, 2, None), (2, 1, None), (3, 2, None), (3, 1, (0.0, 1.0))])
+def test_minibatched_iteration_equals_the_naive_loop(M, U, bounds):
+    """Mini-batches of whole groups, one step each, all against the log π_t of the sampling policy.
+    M = 1 is the whole-batch step (with log π_t folded into its first pass). Fails if log π_t were
+    re-taken per mini-batch, if groups were split, or if the filter changed the mean's divisor."""
+    rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0]                          # group 2 all right: filtered by (0, 1)
+    model, tok, cfg, R = rollouts_for_step(seed=4)
+    ref = naive_minibatch_iteration(copy.deepcopy(model), R, rewards, cfg.tau, 4, M, U, bounds)
+    cfg.minibatches, cfg.updates_per_batch, cfg.reward_bounds = M, U, bounds
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, rewards, cfg)
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(got, ref, atol=2e-6), float((got - ref).abs().max())
+    assert m["optimizer_steps"] == U * M
+    assert m["filtered_share"] == pytest.approx(1 / 3 if bounds else 0.0)
+    if bounds:                                                             # and the filter did change the step
+        model2, _, cfg2, R2 = rollouts_for_step(seed=4)
+        cfg2.minibatches, cfg2.updates_per_batch = M, U
+        pm.pmd_step(model2, torch.optim.SGD(model2.parameters(), lr=0.1), R2, rewards, cfg2)
+        assert not torch.allclose(torch.cat([p.detach().flatten() for p in model2.parameters()]), got, atol=1e-5)
+
+
+def test_minibatches_hold_whole_groups_and_refuse_impossible_splits():
+    parts = pm._minibatches(5, 4, 2)                                       # 5 prompts → 3 + 2 groups
+    assert [p.tolist() for p in parts] == [list(range(12)), list(range(12, 20))]
+    model, tok, cfg, R = rollouts_for_step(seed=1)
+    cfg.minibatches = 4                                                    # only 3 prompts
+    with pytest.raises(ValueError, match="mini-batches"):
+        pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, [1, 0, 0, 0] * 3, cfg)
+
+
+def test_gspo_loss_against_a_per_row_loop():
+    torch.manual_seed(0)
+    B, T = 5, 7
+    mask = torch.zeros(B, T)
+    for b, (s, e) in enumerate([(2, 7), (1, 4), (3, 5), (0, 7), (4, 6)]):
+        mask[b, s:e] = 1
+    old = -torch.rand(B, T) * 3 * mask
+    shift = torch.tensor([1e-3, -1e-3, 1e-4, 2e-4, -2e-3]).unsqueeze(1)   # per-token log-ratio: around the clip edges
+    new = (old + (shift + torch.randn(B, T) * 1e-5) * mask).requires_grad_()
+    A = torch.tensor([1.3, -0.7, 0.4, -1.1, 0.9])
+    loss = pm.gspo_loss(new, old, A, mask.long())
+    ref = 0.0
+    for b in range(B):
+        idx = mask[b].nonzero().flatten().tolist()
+        mean_log = sum(new[b, t] - old[b, t] for t in idx) / len(idx)
+        s_b = torch.exp(mean_log)
+        clipped = torch.clamp(s_b, 1 - 3e-4, 1 + 4e-4)
+        ref = ref - torch.minimum(s_b * A[b], clipped * A[b]) / B
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-7)
+    g, = torch.autograd.grad(loss, new)
+    g_ref, = torch.autograd.grad(ref, new)
+    assert torch.allclose(g, g_ref, atol=1e-7)
+    s = torch.exp(((new - old) * mask).sum(-1) / mask.sum(-1)).detach()
+    outside = ((s > 1 + 4e-4) & (A > 0)) | ((s < 1 - 3e-4) & (A < 0))     # clipped rows: no gradient
+    assert outside.any() and (~outside).any()
+    assert bool((g[outside] == 0).all()) and bool((g[~outside].abs().sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_entropy_metric_against_a_full_softmax(M):
+    """Mean over response tokens of H(π_t(·|y_<t)), from the pass that gives log π_t (folded for
+    M = 1, the separate pass for M > 1), against a plain forward pass and a full softmax."""
+    model, tok, cfg, R = rollouts_for_step(seed=5)
+    with torch.no_grad():
+        logits = full_forward_logits(model, R).float()                     # (B, T, V)
+    p = logits.softmax(-1)
+    H = -(p * p.clamp_min(1e-30).log()).sum(-1)                           # (B, T), at the predicting position
+    want = H[:, :-1][R.response_mask[:, 1:].bool()].mean()
+    cfg.minibatches = M
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, [1, 0, 0, 1] * 3, cfg)
+    assert m["entropy"] == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_token_logprobs_entropy_matches_full_softmax_per_token():
+    model, tok, cfg, R = rollouts_for_step(seed=6)
+    with torch.no_grad():
+        lp, ent = pm.token_logprobs(model, R.input_ids, R.attention_mask, R.response_mask, chunk=5, entropy=True)
+        lp_plain = pm.token_logprobs(model, R.input_ids, R.attention_mask, R.response_mask, chunk=5)
+        logits = full_forward_logits(model, R).float()
+    H = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)            # (B, T)
+    want = torch.zeros_like(ent)
+    want[:, 1:] = H[:, :-1] * R.response_mask[:, 1:]
+    assert torch.equal(lp, lp_plain)
+    assert torch.allclose(ent, want, atol=1e-4)
+
+
+def test_reset_optimizer_clears_adam_state_every_iteration():
+    """With reset, the second iteration's AdamW equals a fresh AdamW from the same weights."""
+    results = {}
+    for reset in (True, False):
+        model, tok, cfg, R = rollouts_for_step(seed=7)
+        cfg.reset_optimizer, cfg.minibatches = reset, 3
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        pm.pmd_step(model, opt, R, [1, 0, 0, 1] * 3, cfg)
+        twin = copy.deepcopy(model)
+        pm.pmd_step(model, opt, R, [0, 1, 1, 0] * 3, cfg)
+        steps = {int(st["step"]) for st in opt.state.values()}
+        assert steps == ({6} if reset else {12})                          # U·M = 6 steps per iteration
+        pm.pmd_step(twin, torch.optim.AdamW(twin.parameters(), lr=1e-2), R, [0, 1, 1, 0] * 3, cfg)
+        same = all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        results[reset] = same
+    assert results == {True: True, False: False}
+
+
+MAJ_CASES = [
+    (["12", "13", "13", "12"], 0),                                         # tie: the answer seen first
+    (["x", "7", "so 8", "8.0", "answer: 7", "8"], 2),                      # 8 = 8.0: three votes
+    (["no", "idea"], None),                                                # nothing parses: no vote
+    (["none", "none", "3/4", "0.75", "1"], 2),                             # 3/4 = 0.75, unparseable never wins
+    (["-5", "5", "-5"], 0),
+]
+
+
+@pytest.mark.parametrize("answers,winner", MAJ_CASES)
+def test_majority_vote_on_hand_made_answers(answers, winner):
+    assert pm.majority_vote(answers) == winner
+
+
 @pytest.mark.parametrize("device", [on_cuda()])
 def test_pmd_iteration_in_bfloat16_on_cuda(device):
     """The GPU configuration end to end: bfloat16, compiled sampler, checkpointing, fused AdamW."""
@@ -735,7 +884,8 @@ def test_pmd_iteration_in_bfloat16_on_cuda(device):
 
 
 @pytest.mark.parametrize("kw", [dict(tau=0.0), dict(tau=-1.0), dict(samples_per_prompt=1),
-                                dict(max_new_tokens=0), dict(baseline="median"), dict(loss="ppo")])
+                                dict(max_new_tokens=0), dict(baseline="median"), dict(loss="ppo"),
+                                dict(minibatches=0), dict(reward_bounds=(0.5, 0.5)), dict(reward_bounds=(1, 0))])
 def test_config_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         pm.PMDConfig(**kw)
@@ -1008,14 +1158,15 @@ def test_train_math_smoke_run_writes_everything(tmp_path, tiny_cache):
     metrics = tm.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     need = {"loss", "reward", "all_equal_share", "residual", "kl", "lambda", "grad_norm", "response_length",
-            "truncated_share", "unparseable"} | TIMING
+            "truncated_share", "unparseable", "entropy", "optimizer_steps", "filtered_share"} | TIMING
     assert need <= set(metrics[0])
     assert all(0 <= m["reward"] <= 1 and math.isfinite(m["loss"]) for m in metrics)
     evals = tm.read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]                          # before any update, every 2, end
     for e in evals:
-        assert {"accuracy", "pass@4", "unparseable"} <= set(e)
-        assert 0 <= e["accuracy"] <= 1 and 0 <= e["pass@4"] <= 1 and 0 <= e["unparseable"] <= 1
+        assert {"accuracy", "pass@4", "avg@4", "maj@4", "unparseable"} <= set(e)
+        assert all(0 <= e[k] <= 1 for k in ("accuracy", "pass@4", "avg@4", "maj@4", "unparseable"))
+        assert e["avg@4"] <= e["pass@4"] and e["maj@4"] <= e["pass@4"]     # any-right bounds both
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["tau"] == pm.PMDConfig().tau and run["config"]["samples_per_prompt"] == 4
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -1027,8 +1178,9 @@ def test_train_math_smoke_run_writes_everything(tmp_path, tiny_cache):
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys):
-    base = SMOKE + ["--tiny-cache", tiny_cache, "--no-plot"]
+@pytest.mark.parametrize("extra", [[], ["--reset-optimizer", "--minibatches", "2", "--algo", "gspo"]])
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys, extra):
+    base = SMOKE + ["--tiny-cache", tiny_cache, "--no-plot"] + extra
     full, half = tmp_path / "full", tmp_path / "half"
     assert tm.main(base + ["--steps", "4", "--out", str(full)]) == 0
     assert tm.main(base + ["--steps", "2", "--out", str(half)]) == 0
@@ -1085,6 +1237,10 @@ def write(path, text):
 BAD_INPUTS = {
     "unknown model": (["--model", "no-such-org/no-such-model-xyz"], "--model tiny"),
     "unknown algo": (["--algo", "ppo"], "--algo"),
+    "no mini-batches": (["--minibatches", "0"], "minibatches"),
+    "more mini-batches than groups": (["--minibatches", "5"], "--minibatches 5"),
+    "reward bounds reversed": (["--reward-bounds", "0.8", "0.2"], "reward_bounds"),
+    "reward bounds equal": (["--reward-bounds", "0.5", "0.5"], "reward_bounds"),
     "tau zero": (["--tau", "0"], "tau"),
     "tau negative": (["--tau", "-0.5"], "tau"),
     "one sample": (["-k", "1"], "samples_per_prompt"),
@@ -1134,7 +1290,8 @@ def test_bench_cpu_runs_every_row_and_its_logprob_check_agrees(tmp_path, capsys)
     res = json.loads(out.read_text())
     assert res["shapes"] == dict(P=2, K=2, B=4, Tp=4, Tr=5, T=9, updates=2, micro_batch=8, grad_checkpointing=False)
     rows = res["rows"]
-    for key in ("sampler_eager", "generate", "update", "update_ragged", "naive", "kl", "iteration_eager"):
+    for key in ("sampler_eager", "generate", "update", "update_ragged", "update_minibatch", "naive", "kl",
+                "iteration_eager"):
         assert rows[key]["s"] > 0, key
     # the sampler's ratio over generate is the ratio of the two measured token rates
     ratio = rows["sampler_eager"]["tok_s"] / rows["generate"]["tok_s"]

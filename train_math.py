@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pmd_mean import PMDConfig, math_reward, extract_answer, pmd_step, sample_rollouts
+from pmd_mean import PMDConfig, extract_answer, majority_vote, math_reward, pmd_step, sample_rollouts
 
 SHORT_NAMES = {
     "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B",
@@ -63,6 +63,7 @@ ALGOS = {  # --algo → (baseline, loss)
     "pmd-mean": ("mean", "pmd"),
     "pmd-part": ("partition", "pmd"),
     "grpo": ("mean", "grpo"),
+    "gspo": ("mean", "gspo"),
 }
 TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "time_kl", "tokens_per_s")
 
@@ -313,7 +314,9 @@ def load_model(args, device, path: str | None = None) -> tuple:
 
 
 def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) -> dict:
-    """Greedy pass@1 and pass@k (k samples, "any right") on held-out problems.
+    """Greedy accuracy (pass@1) and, from k samples per held-out problem, pass@k (any of the k is
+    right; the paper's Best@k), avg@k (the mean correctness of the k) and maj@k (the most frequent
+    answer is right, `majority_vote`).
 
     Runs under its own seeded RNG so that evaluating never changes the training run's samples, and
     with the eager decode loop: its batch shapes (the last one is smaller) would each cost a compile.
@@ -324,14 +327,20 @@ def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) 
     accuracy, unparseable = greedy_scores(model, tokenizer, problems, kind, cfg, bs)  # greedy draws no RNG
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(args.seed + 1_000_003 * (step + 1))
-        any_right = 0
+        any_right = mean_right = maj_right = 0
         for s in range(0, len(problems), bs):
             chunk = problems[s:s + bs]
             r = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], k, cfg)
             for i, p in enumerate(chunk):
-                any_right += any(math_reward(c, p["answer"]) for c in r.completions[i * k:(i + 1) * k])
+                group = r.completions[i * k:(i + 1) * k]
+                right = [math_reward(c, p["answer"]) for c in group]
+                any_right += max(right)
+                mean_right += sum(right) / k
+                vote = majority_vote(group)
+                maj_right += right[vote] if vote is not None else 0.0
     n = len(problems)
-    return {"step": step, "accuracy": accuracy, f"pass@{k}": any_right / n, "unparseable": unparseable}
+    return {"step": step, "accuracy": accuracy, f"pass@{k}": any_right / n, f"avg@{k}": mean_right / n,
+            f"maj@{k}": maj_right / n, "unparseable": unparseable}
 
 
 # -----------------------------------------------------------------------------
@@ -386,15 +395,21 @@ def parse_args(argv=None):
     p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
-    p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | grpo")
+    p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | grpo | gspo")
     p.add_argument("--tau", type=float, default=None, help="τ (default: PMDConfig.tau)")
     p.add_argument("--samples-per-prompt", "-k", type=int, default=8, help="K samples per prompt")
     p.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step")
-    p.add_argument("--updates", type=int, default=None, help="optimizer steps per rollout batch")
+    p.add_argument("--updates", type=int, default=None, help="passes over each rollout batch")
+    p.add_argument("--minibatches", "-m", type=int, default=1,
+                   help="M: mini-batches per pass, one optimizer step each (the paper: 16)")
+    p.add_argument("--reset-optimizer", action="store_true", help="clear Adam's state every iteration (Kimi K1.5)")
+    p.add_argument("--reward-bounds", type=float, nargs=2, default=None, metavar=("LB", "UB"),
+                   help="groups whose mean reward is not inside (LB, UB) get weight 0 (default: off)")
     p.add_argument("--no-leave-one-out", action="store_true", help="baseline includes the sample itself")
     # optimisation and sampling
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4 tiny, 1e-6 otherwise)")
-    p.add_argument("--lr-warmup", type=int, default=20, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-warmup", type=int, default=20,
+                   help="RL steps (rollout batches, not optimizer steps) of linear learning-rate warm-up")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default 8 tiny, 512 otherwise)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -428,7 +443,8 @@ def make_config(args) -> PMDConfig:
               lr=args.lr if args.lr is not None else (1e-4 if tiny else 1e-6),
               max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
               grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
-              seed=args.seed)
+              seed=args.seed, minibatches=args.minibatches, reset_optimizer=args.reset_optimizer,
+              reward_bounds=tuple(args.reward_bounds) if args.reward_bounds else None)
     if args.tau is not None:
         kw["tau"] = args.tau
     if args.updates is not None:
@@ -439,6 +455,9 @@ def make_config(args) -> PMDConfig:
         cfg = PMDConfig(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if cfg.minibatches > args.prompts_per_step:
+        raise UsageError(f"--minibatches {cfg.minibatches} is more than the {args.prompts_per_step} prompt groups "
+                         "a batch can be split into (mini-batches hold whole groups).")
     if args.ops == "" or set(args.ops) - set("+-"):
         raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
     if not 0 < args.warmup_accuracy <= 1:
@@ -474,12 +493,15 @@ def plot(out: Path, metrics: list[dict], evals: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 4, figsize=(16, 3.2))
-    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(1, 5, figsize=(20, 3.2))
+    steps, e_steps = [m["step"] for m in metrics], [e["step"] for e in evals]
     ax[0].plot(steps, [m["reward"] for m in metrics]); ax[0].set_title("mean reward (training samples)")
-    ax[1].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-"); ax[1].set_title("held-out greedy accuracy")
+    for key in [k for k in evals[0] if k not in ("step", "unparseable")]:  # accuracy, pass@k, avg@k, maj@k
+        ax[1].plot(e_steps, [e.get(key, float("nan")) for e in evals], "o-", label=key)
+    ax[1].set_title("held-out"); ax[1].legend(fontsize=7)
     ax[2].plot(steps, [m["kl"] for m in metrics]); ax[2].set_title("KL(π_t ‖ π_θ) after the update")
     ax[3].plot(steps, [m["lambda"] for m in metrics]); ax[3].set_title("implied χ² weight λ = τ·KL")
+    ax[4].plot(steps, [m.get("entropy", float("nan")) for m in metrics]); ax[4].set_title("entropy of π_t (nats/token)")
     for a in ax:
         a.set_xlabel("step")
     fig.tight_layout()
@@ -545,9 +567,13 @@ def train(args) -> int:
         tqdm.write("interrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)")
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    def eval_line(e):
+        return (f"step {e['step']}: held-out accuracy {e['accuracy']:.1%}, pass@{K} {e[f'pass@{K}']:.1%}, "
+                f"avg@{K} {e[f'avg@{K}']:.1%}, maj@{K} {e[f'maj@{K}']:.1%}")
+
     last_eval = log_eval(start) if start == 0 else None
     if last_eval:
-        tqdm.write(f"step {start}: held-out accuracy {last_eval['accuracy']:.1%}, pass@{K} {last_eval[f'pass@{K}']:.1%}")
+        tqdm.write(eval_line(last_eval))
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, dynamic_ncols=True, disable=None)
     try:
         for step in bar:
@@ -562,7 +588,8 @@ def train(args) -> int:
             rewards = [math_reward(c, batch[i // K]["answer"]) for i, c in enumerate(rollouts.completions)]  # B
             t_score = time.perf_counter() - t0
             # linear learning-rate warm-up: Adam's first steps move every weight by ≈ lr whatever its
-            # gradient, which knocks a freshly warm-started model off its (sharp) optimum
+            # gradient, which knocks a freshly warm-started model off its (sharp) optimum. Counted in
+            # rollout batches: with M mini-batches, 20 batches of warm-up are 20·M optimizer steps.
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / args.lr_warmup)
             try:
@@ -579,8 +606,8 @@ def train(args) -> int:
             done = step + 1
             if done % args.eval_every == 0 or done == args.steps:
                 last_eval = log_eval(done)
-                tqdm.write(f"step {done}: held-out accuracy {last_eval['accuracy']:.1%}, "
-                           f"pass@{K} {last_eval[f'pass@{K}']:.1%}, reward {m['reward']:.2f}, KL {m['kl']:.4f}")
+                tqdm.write(f"{eval_line(last_eval)}, reward {m['reward']:.2f}, KL {m['kl']:.4f}, "
+                           f"entropy {m['entropy']:.3f}")
             if done % args.checkpoint_every == 0 or done == args.steps or stop["asked"]:
                 save_checkpoint(out, model, tokenizer, optimizer, done)
             bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{last_eval['accuracy']:.2f}" if last_eval else "-",
@@ -607,7 +634,8 @@ def train(args) -> int:
         "seconds_in_phases": sum(m.get(k, 0.0) for m in metrics for k in TIMING_KEYS if k.startswith("time_"))},
         indent=1))
     print(f"held-out accuracy {first['accuracy']:.1%} (step {first['step']}) → {last['accuracy']:.1%} "
-          f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}; outputs in {out}")
+          f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}, avg@{K} {last.get(f'avg@{K}', float('nan')):.1%}, "
+          f"maj@{K} {last.get(f'maj@{K}', float('nan')):.1%}; outputs in {out}")
     return 0
 
 
