@@ -1129,6 +1129,24 @@ def test_arithmetic_splits_never_overlap_and_are_correct():
     assert tm.arithmetic_split("test", 50, 0, 2) == tm.arithmetic_split("test", 50, 0, 2)  # seeded
 
 
+@pytest.mark.parametrize("terms", [3, 4])
+def test_worked_chain_problems_are_right_step_by_step(terms):
+    """Each "=" of a worked chain keeps the value of the expression (re-evaluated by Python), the
+    chain ends in the answer, the reward reads the final number, and the splits never overlap."""
+    train = tm.arithmetic_split("train", 2000, 0, 2, "+-", terms)
+    test = tm.arithmetic_split("test", 300, 0, 2, "+-", terms)
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    for p in train[:300] + test:
+        expr = p["question"].rstrip("=")
+        assert len(__import__("re").findall(r"\d+", expr)) == terms
+        parts = p["solution"].split("=")
+        assert len(parts) == terms - 1 and parts[-1] == p["answer"]
+        assert all(eval(part) == eval(expr) for part in parts)             # every step keeps the value
+        assert pm.math_reward(p["solution"], p["answer"]) == 1.0
+        assert pm.math_reward(p["solution"].rsplit("=", 1)[0] + "=1" + p["answer"], p["answer"]) == 0.0
+    assert tm.answer_budget(terms) >= max(len(p["solution"]) + 1 for p in train)  # the chain + EOS fits
+
+
 @pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="../shared/data/gsm8k not present")
 def test_load_real_gsm8k_jsonl():
     rows = tm.load_jsonl(str(GSM8K / "train.jsonl"))
@@ -1241,6 +1259,7 @@ BAD_INPUTS = {
     "more mini-batches than groups": (["--minibatches", "5"], "--minibatches 5"),
     "reward bounds reversed": (["--reward-bounds", "0.8", "0.2"], "reward_bounds"),
     "reward bounds equal": (["--reward-bounds", "0.5", "0.5"], "reward_bounds"),
+    "one term": (["--terms", "1"], "--terms"),
     "tau zero": (["--tau", "0"], "tau"),
     "tau negative": (["--tau", "-0.5"], "tau"),
     "one sample": (["-k", "1"], "samples_per_prompt"),
@@ -1277,6 +1296,48 @@ def test_bad_input_as_a_process_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "train_math.py", "--tau", "0", "--out", str(tmp_path / "o")],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:")
+
+
+def fake_run(root, name, seed, lr, accs, rewards):
+    """A finished run directory written by hand: accuracy `accs` at steps 0, 10, 20; `rewards` per step."""
+    d = root / name
+    d.mkdir()
+    args = {**vars(tm.parse_args([])), "seed": seed, "lr": lr, "out": str(d)}
+    (d / "run.json").write_text(json.dumps({"args": args, "config": {"tau": 1.0}, "device": "cpu"}))
+    evals = [{"step": s, "accuracy": a, "pass@4": min(1.0, a + 0.2), "avg@4": a / 2, "maj@4": a, "unparseable": 0.0}
+             for s, a in zip((0, 10, 20), accs)]
+    (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    metrics = [{"step": i + 1, "reward": r, "kl": 0.01 * seed, "entropy": 1.0, "response_length": 4.0}
+               for i, r in enumerate(rewards)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (d / "summary.json").write_text(json.dumps({"first_eval": evals[0], "last_eval": evals[-1],
+                                                "seconds_this_session": 60.0 + seed}))
+    return str(d)
+
+
+def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, capsys):
+    accs = {0: (0.1, 0.3, 0.5), 1: (0.2, 0.4, 0.3), 2: (0.6, 0.5, 0.7)}
+    dirs = [fake_run(tmp_path, f"a{s}", s, 1e-4, accs[s], [0.1 * s] * 20) for s in accs]
+    dirs += [fake_run(tmp_path, f"b{s}", s, 3e-4, (0.5, 0.5, 0.5), [0.5] * 20) for s in (0, 1)]
+    groups = tm.load_runs(dirs)
+    assert sorted(groups) == ["lr=0.0001", "lr=0.0003"]                   # only the seed differs within each
+    assert len(groups["lr=0.0001"]) == 3 and len(groups["lr=0.0003"]) == 2
+    agg = tm.aggregate(groups["lr=0.0001"], window=10)
+    steps, means, ses = agg["accuracy"]
+    assert steps == [0, 10, 20]
+    for i in range(3):                                                     # mean and s.e. by hand
+        col = [accs[s][i] for s in accs]
+        m = sum(col) / 3
+        se = math.sqrt(sum((x - m) ** 2 for x in col) / 2) / math.sqrt(3)
+        assert means[i] == pytest.approx(m) and ses[i] == pytest.approx(se)
+    assert agg["reward"][1][-1] == pytest.approx(0.1) and agg["reward"][2][-1] == pytest.approx(0.1 / math.sqrt(3))
+    assert agg["maj@4"][1] == pytest.approx(means)
+    assert tm.main(["--compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| lr=0.0001 | 3 | 30.0 ± 15.3 | 40.0 ± 5.8 | 50.0 ± 11.5 |" in out
+    assert "| lr=0.0003 | 2 | 50.0 ± 0.0 |" in out
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tm.main(["--compare", str(tmp_path / "a0"), str(tmp_path / "nothing")]) == 2  # not a run: one sentence
 
 
 # -----------------------------------------------------------------------------

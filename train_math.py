@@ -76,26 +76,40 @@ class UsageError(Exception):
 # Data: a built-in arithmetic task, or GSM8K-format JSONL
 
 
-def arithmetic_problem(rng: random.Random, digits: int, ops: str) -> tuple[int, str, int]:
-    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
-    return a, rng.choice(ops), b
+def arithmetic_problem(rng: random.Random, digits: int, ops: str, terms: int = 2) -> tuple[list, list]:
+    """`terms` random numbers of up to `digits` digits and the `terms − 1` operators between them."""
+    nums = [rng.randrange(10 ** digits), rng.randrange(10 ** digits)]
+    signs = [rng.choice(ops)]
+    for _ in range(terms - 2):
+        nums.append(rng.randrange(10 ** digits))
+        signs.append(rng.choice(ops))
+    return nums, signs
 
 
-def is_held_out(a: int, op: str, b: int) -> bool:
-    """A fixed 10% of all problems, by a hash of the problem itself: never seen in training."""
-    return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
+def is_held_out(expression: str) -> bool:
+    """A fixed 10% of all problems, by a hash of the problem ("12+34") itself: never seen in training."""
+    return int(hashlib.sha256(expression.encode()).hexdigest(), 16) % 10 == 0
 
 
-def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+") -> list[dict]:
-    """n problems {"question": "12+34=", "answer": "46"} of the given split, seeded and reproducible.
+def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+", terms: int = 2) -> list[dict]:
+    """n problems {"question": "12+34=", "answer": "46", "solution": "46"} of the given split, seeded.
 
     Difficulty: `digits` per operand and the operators `ops` ("+", "-", "+-"); "-" can give negatives.
+    With `terms` > 2 the solution is a short worked chain that keeps the running result, the form the
+    warm start teaches: "12+34+56=" → "46+56=102" (answer 102).
     """
     rng, out = random.Random(f"{split}-{seed}"), []
     while len(out) < n:
-        a, op, b = arithmetic_problem(rng, digits, ops)
-        if is_held_out(a, op, b) == (split == "test"):
-            out.append({"question": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)})
+        nums, signs = arithmetic_problem(rng, digits, ops, terms)
+        expression = str(nums[0]) + "".join(f"{op}{x}" for op, x in zip(signs, nums[1:]))
+        if is_held_out(expression) != (split == "test"):
+            continue
+        steps, value = [], nums[0]
+        for i, (op, x) in enumerate(zip(signs, nums[1:])):
+            value = value + x if op == "+" else value - x
+            rest = "".join(f"{o}{y}" for o, y in zip(signs[i + 1:], nums[i + 2:]))
+            steps.append(f"{value}{rest}")                               # "46+56", then "102"
+        out.append({"question": f"{expression}=", "answer": str(value), "solution": "=".join(steps)})
     return out
 
 
@@ -129,8 +143,8 @@ def load_jsonl(path: str) -> list[dict]:
 def load_data(args) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems; the held-out ones never appear in training."""
     if args.data == "arithmetic":
-        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops),
-                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops))
+        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms),
+                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops, args.terms))
     if args.data == "gsm8k":
         try:
             import datasets
@@ -206,9 +220,15 @@ def greedy_scores(model, tokenizer, problems, kind, cfg: PMDConfig, batch: int) 
     return right / len(problems), unparseable / len(problems)
 
 
+def answer_budget(terms: int) -> int:
+    """Tokens a tiny model's answer may take: "1234<eos>" for two terms, a worked chain for more."""
+    return 8 * (terms - 1)
+
+
 def warm_start(model, tokenizer, train: list[dict], target: float, max_steps: int, seed: int, device,
-               batch: int = 64, lr: float = 1e-3, check_every: int = 25) -> tuple[int, float]:
-    """Supervised warm start: next-token prediction on whole "12+34=46<eos>" sequences, until greedy
+               batch: int = 64, lr: float = 1e-3, check_every: int = 25, max_new_tokens: int = 8) -> tuple[int, float]:
+    """Supervised warm start: next-token prediction on whole "12+34=46<eos>" sequences (the worked
+    chain "12+34+56=46+56=102<eos>" with three terms), until greedy
     accuracy on 500 training problems reaches `target` (checked every `check_every` steps) or
     `max_steps` have run. Returns (steps, that accuracy).
 
@@ -225,7 +245,7 @@ def warm_start(model, tokenizer, train: list[dict], target: float, max_steps: in
     acc = 0.0
     for step in range(1, max_steps + 1):
         model.train()
-        texts = [p["question"] + p["answer"] + tokenizer.eos_token for p in rng.sample(train, batch)]
+        texts = [p["question"] + p.get("solution", p["answer"]) + tokenizer.eos_token for p in rng.sample(train, batch)]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)       # (batch, T)
         labels = ids.masked_fill(attn == 0, -100)                          # no loss on padding
@@ -236,7 +256,7 @@ def warm_start(model, tokenizer, train: list[dict], target: float, max_steps: in
         loss.backward()
         opt.step()
         if step % check_every == 0 or step == max_steps:
-            acc, _ = greedy_scores(model, tokenizer, check, "tiny", PMDConfig(max_new_tokens=8), batch=256)
+            acc, _ = greedy_scores(model, tokenizer, check, "tiny", PMDConfig(max_new_tokens=max_new_tokens), batch=256)
             if acc >= target:
                 break
     model.eval()
@@ -248,6 +268,7 @@ def build_tiny(args, device) -> tuple:
     from transformers import AutoModelForCausalLM
 
     key = (f"v3-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}"
+           f"{f'-t{args.terms}' if args.terms != 2 else ''}"
            f"-acc{args.warmup_accuracy:g}-max{args.warmup_steps}-seed{args.seed}")
     path = Path(args.tiny_cache).expanduser() / key
     tokenizer = byte_tokenizer()
@@ -260,10 +281,12 @@ def build_tiny(args, device) -> tuple:
           f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
     t0 = time.time()
-    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops)
-    steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device)
-    acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops),
-                           "tiny", PMDConfig(max_new_tokens=8), batch=256)
+    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms)
+    budget = answer_budget(args.terms)
+    steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device,
+                                  max_new_tokens=budget)
+    acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops, args.terms),
+                           "tiny", PMDConfig(max_new_tokens=budget), batch=256)
     stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, {steps} steps ({train_acc:.1%} on training "
           f"problems, target {stop}), held-out greedy accuracy {acc:.1%}")
@@ -291,11 +314,32 @@ def load_model(args, device, path: str | None = None) -> tuple:
     dtype = torch.float32 if device == "cpu" or args.model == "tiny" else getattr(torch, args.dtype)
     import logging
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)          # no "Retrying in 8s" lines offline
+    # Offline, the hub client retries every file with back-off (1 + 2 + 4 + 8 + 8 s) before it gives
+    # up: ~50 s for an answer we can have at once. So a hub id whose host (or https proxy) does not
+    # take a TCP connection within 3 s is loaded from the local cache only: a cached model still
+    # loads, a missing one fails in a second or two. HF_HUB_OFFLINE=1 means the cache only, no probe.
+    unreachable = None
+    if not is_dir:
+        import socket
+        import urllib.parse
+        import urllib.request
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            unreachable = "HF_HUB_OFFLINE is set"
+        else:
+            url = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=3).close()
+            except OSError as e:                                           # no DNS, refused, timed out
+                unreachable = f"{url.hostname} unreachable: {type(e).__name__}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=bool(unreachable))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=bool(unreachable)).to(device)
     except Exception as e:  # OSError (not found / offline), ValueError (not a causal LM), ...
-        where = f"the local directory {name}" if is_dir else f"the Hugging Face hub id {name!r} (local cache, then network)"
+        where = (f"the local directory {name}" if is_dir else f"the Hugging Face hub id {name!r} "
+                 + (f"(local cache only, {unreachable})" if unreachable else "(local cache, then network)"))
         raise UsageError(
             f"could not load model {args.model!r}: tried {where} and got {type(e).__name__}: "
             f"{str(e).splitlines()[0][:200].rstrip('.') if str(e) else 'no detail'}. Ways out: download it first where "
@@ -389,6 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +- (minus can give negatives)")
+    p.add_argument("--terms", type=int, default=2,
+                   help="numbers per problem; 3 or more: answers are worked chains, 12+34+56=46+56=102")
     p.add_argument("--warmup-accuracy", type=float, default=0.3,
                    help="tiny model: warm-start until this share of 500 training problems is right")
     p.add_argument("--warmup-steps", type=int, default=5000, help="tiny model: at most this many warm-start steps")
@@ -437,11 +483,14 @@ def make_config(args) -> PMDConfig:
     if args.algo not in ALGOS:
         raise UsageError(f"unknown --algo {args.algo!r}: use one of {', '.join(ALGOS)}.")
     baseline, loss = ALGOS[args.algo]
+    if args.terms < 2:
+        raise UsageError(f"--terms must be at least 2 (got {args.terms}).")
     tiny = args.model == "tiny"
     kw = dict(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
               samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
               lr=args.lr if args.lr is not None else (1e-4 if tiny else 1e-6),
-              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
+              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
+              else (answer_budget(args.terms) if tiny else 512),
               grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
               seed=args.seed, minibatches=args.minibatches, reset_optimizer=args.reset_optimizer,
               reward_bounds=tuple(args.reward_bounds) if args.reward_bounds else None)
@@ -643,37 +692,121 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# Flags that do not change what a run computes (or only which seed it is): runs that differ only in
+# these are one setting, and --compare averages them.
+NOT_THE_SETTING = {"seed", "out", "resume", "no_plot", "compare", "tiny_cache", "fresh", "checkpoint_every",
+                   "eval_batch", "device"}
+PANELS = [("reward", "training reward"), ("accuracy", "held-out greedy accuracy"), ("avg@", "avg@k"),
+          ("maj@", "maj@k"), ("pass@", "pass@k (Best@k)"), ("response_length", "response length (tokens)"),
+          ("entropy", "entropy of π_t (nats/token)"), ("kl", "KL(π_t ‖ π_θ) per step")]
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (std with ddof 1 over √n) across seeds; s.e. is nan for one seed."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def load_runs(run_dirs: list[str]) -> dict:
+    """Group finished runs into settings: {label: [run, ...]}, runs that differ only in --seed together.
+
+    Each run is {"dir", "args", "config", "evals", "metrics", "summary"}; the label names the flags
+    that tell this setting apart from the others (or the algorithm, if there is one setting).
+    """
+    runs = []
+    for d in map(Path, run_dirs):
+        if not (d / "summary.json").is_file() or not (d / "run.json").is_file():
+            raise UsageError(f"{d} is not a finished run (no summary.json).")
+        run = json.loads((d / "run.json").read_text())
+        runs.append({"dir": d, "args": run["args"], "config": run["config"], "evals": read_jsonl(d / "eval.jsonl"),
+                     "metrics": read_jsonl(d / "metrics.jsonl"), "summary": json.loads((d / "summary.json").read_text())})
+    key = lambda r: json.dumps({k: v for k, v in sorted(r["args"].items()) if k not in NOT_THE_SETTING})
+    groups = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    setting = {k: json.loads(k) for k in groups}
+    differ = sorted({f for a in setting.values() for b in setting.values() for f in a if a.get(f) != b.get(f)})
+    label = lambda k: " ".join(f"{f}={setting[k].get(f)}" for f in differ) or str(setting[k].get("algo"))
+    return {label(k): g for k, g in groups.items()}
+
+
+def aggregate(runs: list[dict], window: int = 10) -> dict:
+    """Mean ± s.e. across seeds: {metric: (steps, means, ses)} for evaluation metrics at each
+    evaluation step and for training metrics (a `window`-step moving average) at each step."""
+    out = {}
+    k_suffix = next(k for k in runs[0]["evals"][0] if k.startswith("pass@"))[len("pass@"):]
+    for name, _ in PANELS:
+        key = name + k_suffix if name.endswith("@") else name
+        source = "evals" if name == "accuracy" or name.endswith("@") else "metrics"
+        per_seed = {}
+        for r in runs:
+            rows = [row for row in r[source] if key in row]
+            vals = np.array([row[key] for row in rows], dtype=float)
+            if source == "metrics" and len(vals):                         # trailing moving average: less noise
+                vals = np.array([vals[max(0, i - window + 1):i + 1].mean() for i in range(len(vals))])
+            per_seed[str(r["dir"])] = dict(zip([row["step"] for row in rows], vals))
+        steps = sorted(set.intersection(*[set(v) for v in per_seed.values()])) if per_seed else []
+        if steps:
+            stats = [mean_se([v[s] for v in per_seed.values()]) for s in steps]
+            out[key] = (steps, [m for m, _ in stats], [e for _, e in stats])
+    return out
+
+
+def fmt_mse(m: float, e: float, pct: bool = True) -> str:
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
+    return f"{f(m)} ± {f(e)}" if e == e else f(m)                         # e != e: one seed, no s.e.
+
+
 def compare(run_dirs: list[str], out_png: str) -> int:
-    """Print a markdown table of finished runs and plot their held-out accuracy over steps."""
+    """Tabulate finished runs grouped by setting (mean ± s.e. over seeds) and plot the paper's panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
-    print("| run | algo | τ | updates | lr | accuracy first → last | pass@k last | mean KL | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for d in map(Path, run_dirs):
-        if not (d / "summary.json").is_file():
-            raise UsageError(f"{d} is not a finished run (no summary.json).")
-        run, summary = json.loads((d / "run.json").read_text()), json.loads((d / "summary.json").read_text())
-        a, c = run["args"], run["config"]
-        evals, metrics = read_jsonl(d / "eval.jsonl"), read_jsonl(d / "metrics.jsonl")
-        first, last = summary["first_eval"], summary["last_eval"]
-        pk = next(k for k in last if k.startswith("pass@"))
-        kl = sum(m["kl"] for m in metrics) / len(metrics)
-        tau = "–" if c["loss"] == "grpo" else f"{c['tau']:g}"
-        print(f"| {d.name} | {a['algo']} | {tau} | {c['updates_per_batch']} | {c['lr']:g} | "
-              f"{first['accuracy']:.1%} → {last['accuracy']:.1%} | {last[pk]:.1%} | {kl:.4f} | "
-              f"{summary['seconds_this_session']:.0f} |")
-        ax[0].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", label=d.name)
-        ax[1].plot([m["step"] for m in metrics], [m["kl"] for m in metrics], label=d.name, alpha=0.8)
-    ax[0].set_title("held-out greedy accuracy"); ax[1].set_title("KL(π_t ‖ π_θ) per step")
-    for x in ax:
-        x.set_xlabel("step")
-    ax[0].legend(fontsize=7)
+    groups = load_runs(run_dirs)
+    aggs = {label: aggregate(runs) for label, runs in groups.items()}
+    steps = sorted({s for a in aggs.values() for s in a["accuracy"][0]})
+    print("Held-out greedy accuracy (%), mean ± s.e. over seeds, at each evaluation step:\n")
+    print("| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in steps) + " |")
+    for label, a in aggs.items():
+        acc = dict(zip(a["accuracy"][0], zip(a["accuracy"][1], a["accuracy"][2])))
+        cells = [fmt_mse(*acc[s]) if s in acc else "–" for s in steps]
+        print(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
+    print("\nEnd (last evaluation) and peak (best evaluation step of the mean) values, mean ± s.e.; training "
+          "metrics are 10-step moving averages, KL the mean over all steps:\n")
+    evals = [k for k in next(iter(aggs.values())) if k == "accuracy" or "@" in k]
+    print("| setting | " + " | ".join(f"{k} end / peak" for k in evals) +
+          " | reward end | entropy end | length end | mean KL | seconds |")
+    print("| --- | " + " | ".join("---" for _ in evals) + " | --- | --- | --- | --- | --- |")
+    for label, a in aggs.items():
+        cells = []
+        for k in evals:
+            _, m, e = a[k]
+            best = int(np.argmax(m))
+            cells.append(f"{fmt_mse(m[-1], e[-1])} / {fmt_mse(m[best], e[best])}")
+        end = lambda k, pct=False: fmt_mse(a[k][1][-1], a[k][2][-1], pct) if k in a else "–"
+        kl = mean_se([np.mean([m["kl"] for m in r["metrics"]]) for r in groups[label]])
+        sec = np.mean([r["summary"]["seconds_this_session"] for r in groups[label]])
+        print(f"| {label} | " + " | ".join(cells) + f" | {end('reward')} | {end('entropy')} | "
+              f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {sec:.0f} |")
+
+    fig, ax = plt.subplots(2, 4, figsize=(18, 7))
+    for axis, (name, title) in zip(ax.flat, PANELS):
+        for label, a in aggs.items():
+            key = next((k for k in a if k == name or (name.endswith("@") and k.startswith(name))), None)
+            if key is None:
+                continue
+            x, m, e = (np.asarray(v, dtype=float) for v in a[key])
+            axis.plot(x, m, "o-" if len(x) < 20 else "-", ms=3, label=f"{label} (n={len(groups[label])})")
+            axis.fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step")
+    ax.flat[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    print(f"figure: {out_png}")
+    plt.close(fig)
+    print(f"\nfigure: {out_png} (mean ± s.e. shaded)")
     return 0
 
 
