@@ -5,6 +5,7 @@ bench.py: how fast is one PMD iteration? Sampling, the update, and the whole loo
     python bench.py --device cpu       # a tiny Qwen2 on the CPU (< 60 s on 2 cores; checks the code, not speed)
     python bench.py --out bench.json   # also write every number as JSON
     python bench.py --no-compile       # skip the compiled sampler (compiling takes tens of seconds)
+    python bench.py --trl              # also one iteration of pmd_trl.PMDMeanTrainer (TRL) against ours
 
 It prints one table: tokens/s of `sample_rollouts`, with its eager decode loop and with its compiled
 decode step (`PMDConfig.compile_decode`; a CUDA graph on CUDA), against HF `model.generate` (dynamic
@@ -58,7 +59,9 @@ Honest shortcuts (read before quoting a number)
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import importlib.util
 import json
 import platform
 import string
@@ -238,6 +241,81 @@ def naive_update(model, optimizer, rollouts, logp_old, adv, cfg: PMDConfig, upda
 
 
 # -----------------------------------------------------------------------------
+# The same iteration on TRL (--trl): pmd_trl.PMDMeanTrainer against sample_rollouts + pmd_step
+
+
+def trl_rows(args, cfg: PMDConfig, prompts: list[str], tokenizer, rewards: list, rows: dict) -> None:
+    """One PMD iteration (sample B = P·K responses, score, U optimizer steps on the batch) two ways,
+    on fresh models with the same seed, shapes, rewards, AdamW and micro-batches: our eager sampler
+    + `pmd_step`, and `PMDMeanTrainer` (HF `generate`, TRL's log π_t pass, U steps). Each runs two
+    iterations; the second is timed (TRL's from the start of step U+1 to the end of step 2U, by a
+    callback, so the trainer's setup is not in it). tokens/s = B·Tr generated tokens per second of
+    the whole iteration. TRL stops at its tokenizer's EOS, so `min_new_tokens` = Tr keeps every
+    response Tr tokens long, as the unreachable EOS does for ours (shortcut 2)."""
+    import contextlib
+    import tempfile
+
+    import datasets
+    import pmd_trl                                                         # needs TRL: requirements-trl.txt
+
+    device, K, Tr, U, B = args.device, args.samples, args.new_tokens, args.updates, args.prompts * args.samples
+    if B % cfg.micro_batch_size:
+        raise UsageError(f"--trl: the micro-batch ({cfg.micro_batch_size}) must divide B = {B}.")
+    ours_cfg = dataclasses.replace(cfg, compile_decode=False)
+    torch.manual_seed(args.seed)
+    model, _ = build_model(device, cfg, args.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device == "cuda")
+
+    def ours():
+        rollouts = sample_rollouts(model, tokenizer, prompts, K, ours_cfg)
+        return pmd_step(model, optimizer, rollouts, rewards, ours_cfg)
+    _, t_first, _ = timed(ours, device)
+    _, t_ours, _ = timed(ours, device)
+    rows["iteration_ours_trl"] = dict(what=f"one iteration, `sample_rollouts` (eager) + `pmd_step` (U={U})",
+                                      first_s=t_first, s=t_ours, tok_s=B * Tr / t_ours)
+
+    torch.manual_seed(args.seed)
+    twin, _ = build_model(device, cfg, args.config)                        # the same initial weights
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token, tok.padding_side = tok.pad_token, "left"                # TRL needs an EOS id; never reached
+    clock = {}
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            if state.global_step in (0, U):
+                sync(device)
+                clock[state.global_step] = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step in (U, 2 * U):
+                sync(device)
+                clock[f"s{state.global_step}"] = time.perf_counter() - clock[state.global_step - U]
+
+    def preset_rewards(completions, **_):                                  # the same 0/1 rewards, prompt-major
+        return rewards
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = pmd_trl.PMDTrainerConfig(
+            output_dir=out, tau=cfg.tau, num_generations=K, per_device_train_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=B // cfg.micro_batch_size, num_iterations=U, max_completion_length=Tr,
+            generation_kwargs={"min_new_tokens": Tr}, learning_rate=cfg.lr, lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=cfg.grad_clip, max_steps=2 * U, save_strategy="no", report_to="none",
+            disable_tqdm=True, use_cpu=device == "cpu", bf16=False, gradient_checkpointing=cfg.grad_checkpointing,
+            seed=args.seed)
+        trainer = pmd_trl.PMDMeanTrainer(model=twin, reward_funcs=preset_rewards, args=targs, processing_class=tok,
+                                         train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
+                                         callbacks=[Clock()])
+        with contextlib.redirect_stdout(sys.stderr):                       # HF prints its final log: not in the table
+            trainer.train()
+    lengths = [h["completions/min_length"] for h in trainer.state.log_history if "completions/min_length" in h]
+    assert lengths and all(n == Tr for n in lengths), f"TRL's responses were not all {Tr} tokens: {lengths}"
+    t_trl = clock[f"s{2 * U}"]
+    rows["iteration_trl"] = dict(what=f"one iteration, TRL `PMDMeanTrainer` (`generate` + U={U} steps)",
+                                 first_s=clock[f"s{U}"], s=t_trl, tok_s=B * Tr / t_trl,
+                                 ratios={"ours": rows["iteration_ours_trl"]["tok_s"] / (B * Tr / t_trl)})
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -266,9 +344,13 @@ def parse_args(argv=None):
     # what to run and where to write
     p.add_argument("--skip-generate", action="store_true", help="skip the HF generate baselines (the slow part)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled-sampler iteration")
+    p.add_argument("--trl", action="store_true", help="also time one iteration of pmd_trl.PMDMeanTrainer against "
+                   "ours (needs TRL: pip install -r requirements-trl.txt)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, prompts, rewards and sampling")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.trl and importlib.util.find_spec("trl") is None:
+        raise UsageError("--trl needs TRL: pip install -r requirements-trl.txt")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out {args.out}: its directory does not exist.")
 
@@ -434,6 +516,8 @@ def bench(args) -> dict:
     rows["naive"] = dict(what=f"naive update (U={U}; fp32 (b,T,V) log_softmax, ckpt)", first_s=t_naive_first,
                          s=t_naive, tok_s=B * T * U / t_naive, peak_gib=peak_naive)
     rows["naive"]["ratios"] = {"pmd_step": rows["update"]["tok_s"] / rows["naive"]["tok_s"]}
+    if args.trl:                                                           # last: fresh models, nothing above moves
+        trl_rows(args, cfg, prompts, tokenizer, rewards, rows)
 
     return dict(
         device=torch.cuda.get_device_name() if device == "cuda"
@@ -467,7 +551,7 @@ def report(res: dict) -> str:
     ]
     order = ["sampler_eager", "sampler_compiled", "generate", "generate_static", "update", "update_ragged",
              "update_minibatch", "naive", "kl",
-             "iteration_eager", "iteration_compiled"]
+             "iteration_eager", "iteration_compiled", "iteration_ours_trl", "iteration_trl"]
     for key in [k for k in order if k in res["rows"]]:
         row = res["rows"][key]
         ratio_s = ", ".join(f"{k} {v:.2f}×" for k, v in row.get("ratios", {}).items()) or "—"

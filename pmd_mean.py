@@ -153,9 +153,9 @@ from transformers import AttentionInterface
 class PMDConfig:
     """All hyperparameters of one PMD iteration.
 
-    τ, updates_per_batch and lr were chosen by the tiny-model sweep in the README (τ = 1 with 2
-    updates held up best; smaller τ or more updates broke training at higher lr). The others are
-    common starting points, not tuned here.
+    The defaults are the plain whole-batch form (M = 1, two passes, lr 1e-4). `train_math.py` sets
+    its own for the tiny model (M = 4 mini-batch steps in one pass, lr 5e-5), chosen by the README's
+    quick-start experiment; the others are common starting points, not tuned here.
     """
 
     # --- the algorithm
