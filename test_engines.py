@@ -362,4 +362,4 @@ def test_hub_model_offline_fails_fast(tmp_path, script):
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(err) == 1 and "could not load model 'Qwen2.5-0.5B'" in err[0] and "--model tiny" in err[0]
     assert "Traceback" not in res.stderr
-    assert seconds < 15, f"{script} took {seconds:.1f} s to fail offline"
+    assert seconds < 30, f"{script} took {seconds:.1f} s to fail offline (the hub client's retries take ~50 s)"

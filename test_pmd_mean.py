@@ -1307,8 +1307,8 @@ def fake_run(root, name, seed, lr, accs, rewards):
     evals = [{"step": s, "accuracy": a, "pass@4": min(1.0, a + 0.2), "avg@4": a / 2, "maj@4": a, "unparseable": 0.0}
              for s, a in zip((0, 10, 20), accs)]
     (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    metrics = [{"step": i + 1, "reward": r, "kl": 0.01 * seed, "entropy": 1.0, "response_length": 4.0}
-               for i, r in enumerate(rewards)]
+    metrics = [{"step": i + 1, "reward": r, "kl": 0.01 * seed, "entropy": 1.0, "response_length": 4.0,
+                "time_update": 1.0 + seed, "time_sampling": 0.5} for i, r in enumerate(rewards)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (d / "summary.json").write_text(json.dumps({"first_eval": evals[0], "last_eval": evals[-1],
                                                 "seconds_this_session": 60.0 + seed}))
@@ -1332,6 +1332,8 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
         assert means[i] == pytest.approx(m) and ses[i] == pytest.approx(se)
     assert agg["reward"][1][-1] == pytest.approx(0.1) and agg["reward"][2][-1] == pytest.approx(0.1 / math.sqrt(3))
     assert agg["maj@4"][1] == pytest.approx(means)
+    # training seconds before each evaluation: 10 steps of (1 + seed) + 0.5 s, averaged over seeds 0-2
+    assert agg["seconds"][1] == pytest.approx([0.0, 10 * 2.5, 20 * 2.5])
     assert tm.main(["--compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "| lr=0.0001 | 3 | 30.0 ± 15.3 | 40.0 ± 5.8 | 50.0 ± 11.5 |" in out

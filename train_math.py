@@ -750,6 +750,14 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
         if steps:
             stats = [mean_se([v[s] for v in per_seed.values()]) for s in steps]
             out[key] = (steps, [m for m, _ in stats], [e for _, e in stats])
+    # Training seconds (sampling, scoring, log-probs, updates, KL pass; not evaluation) spent before
+    # each evaluation step, averaged over seeds: the x-axis of "accuracy against wall-clock".
+    phases = [k for k in TIMING_KEYS if k.startswith("time_")]
+    clocks = []
+    for r in runs:
+        cum = np.cumsum([0.0] + [sum(m.get(k, 0.0) for k in phases) for m in r["metrics"]])  # cum[s]: after s steps
+        clocks.append([cum[min(s, len(cum) - 1)] for s in out["accuracy"][0]])
+    out["seconds"] = (out["accuracy"][0], list(np.mean(clocks, axis=0)), [float("nan")] * len(clocks[0]))
     return out
 
 
@@ -792,7 +800,7 @@ def compare(run_dirs: list[str], out_png: str) -> int:
         print(f"| {label} | " + " | ".join(cells) + f" | {end('reward')} | {end('entropy')} | "
               f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {sec:.0f} |")
 
-    fig, ax = plt.subplots(2, 4, figsize=(18, 7))
+    fig, ax = plt.subplots(3, 3, figsize=(15, 10))
     for axis, (name, title) in zip(ax.flat, PANELS):
         for label, a in aggs.items():
             key = next((k for k in a if k == name or (name.endswith("@") and k.startswith(name))), None)
@@ -802,7 +810,13 @@ def compare(run_dirs: list[str], out_png: str) -> int:
             axis.plot(x, m, "o-" if len(x) < 20 else "-", ms=3, label=f"{label} (n={len(groups[label])})")
             axis.fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
         axis.set_title(title, fontsize=9)
-        axis.set_xlabel("step")
+        axis.set_xlabel("step (rollout batches)")
+    for label, a in aggs.items():                                          # the same accuracy against time
+        x, (m, e) = np.asarray(a["seconds"][1]), (np.asarray(v, dtype=float) for v in a["accuracy"][1:])
+        ax.flat[8].plot(x, m, "o-", ms=3)
+        ax.flat[8].fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
+    ax.flat[8].set_title("held-out greedy accuracy against training seconds", fontsize=9)
+    ax.flat[8].set_xlabel("seconds (sampling + updates, no evaluation), mean over seeds")
     ax.flat[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
