@@ -1319,8 +1319,9 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
     accs = {0: (0.1, 0.3, 0.5), 1: (0.2, 0.4, 0.3), 2: (0.6, 0.5, 0.7)}
     dirs = [fake_run(tmp_path, f"a{s}", s, 1e-4, accs[s], [0.1 * s] * 20) for s in accs]
     dirs += [fake_run(tmp_path, f"b{s}", s, 3e-4, (0.5, 0.5, 0.5), [0.5] * 20) for s in (0, 1)]
+    dirs += [fake_run(tmp_path, "c0", 0, 1e-3, (0.5, 0.4, 0.3), [0.5] * 20)]  # ends below its start
     groups = tm.load_runs(dirs)
-    assert sorted(groups) == ["lr=0.0001", "lr=0.0003"]                   # only the seed differs within each
+    assert sorted(groups) == ["lr=0.0001", "lr=0.0003", "lr=0.001"]       # only the seed differs within each
     assert len(groups["lr=0.0001"]) == 3 and len(groups["lr=0.0003"]) == 2
     agg = tm.aggregate(groups["lr=0.0001"], window=10)
     steps, means, ses = agg["accuracy"]
@@ -1338,6 +1339,10 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
     out = capsys.readouterr().out
     assert "| lr=0.0001 | 3 | 30.0 ± 15.3 | 40.0 ± 5.8 | 50.0 ± 11.5 |" in out
     assert "| lr=0.0003 | 2 | 50.0 ± 0.0 |" in out
+    assert "| lr=0.001 | 1 | 50.0 | 40.0 | 30.0 |" in out                   # one seed: no s.e.
+    below = {line.split(" | ")[0][2:]: line.split(" | ")[-2] for line in out.splitlines() if "end / peak" not in
+             line and line.count(" | ") >= 10}
+    assert below == {"lr=0.0001": "0/3", "lr=0.0003": "0/2", "lr=0.001": "1/1"}
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tm.main(["--compare", str(tmp_path / "a0"), str(tmp_path / "nothing")]) == 2  # not a run: one sentence
 

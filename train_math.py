@@ -786,8 +786,8 @@ def compare(run_dirs: list[str], out_png: str) -> int:
           "metrics are 10-step moving averages, KL the mean over all steps:\n")
     evals = [k for k in next(iter(aggs.values())) if k == "accuracy" or "@" in k]
     print("| setting | " + " | ".join(f"{k} end / peak" for k in evals) +
-          " | reward end | entropy end | length end | mean KL | seconds |")
-    print("| --- | " + " | ".join("---" for _ in evals) + " | --- | --- | --- | --- | --- |")
+          " | reward end | entropy end | length end | mean KL | ended below start | seconds |")
+    print("| --- | " + " | ".join("---" for _ in evals) + " | --- | --- | --- | --- | --- | --- |")
     for label, a in aggs.items():
         cells = []
         for k in evals:
@@ -797,8 +797,9 @@ def compare(run_dirs: list[str], out_png: str) -> int:
         end = lambda k, pct=False: fmt_mse(a[k][1][-1], a[k][2][-1], pct) if k in a else "–"
         kl = mean_se([np.mean([m["kl"] for m in r["metrics"]]) for r in groups[label]])
         sec = np.mean([r["summary"]["seconds_this_session"] for r in groups[label]])
+        below = sum(r["evals"][-1]["accuracy"] < r["evals"][0]["accuracy"] for r in groups[label])  # seeds
         print(f"| {label} | " + " | ".join(cells) + f" | {end('reward')} | {end('entropy')} | "
-              f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {sec:.0f} |")
+              f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {below}/{len(groups[label])} | {sec:.0f} |")
 
     fig, ax = plt.subplots(3, 3, figsize=(15, 10))
     for axis, (name, title) in zip(ax.flat, PANELS):
