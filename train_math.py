@@ -832,7 +832,7 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()                      # no "Loading weights" bars
     try:
         if args.compare:
-            return compare(args.compare, str(Path(args.out).with_suffix(".png")))
+            return compare(args.compare, args.out if args.out.endswith(".png") else args.out + ".png")
         return train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
