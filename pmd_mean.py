@@ -807,7 +807,8 @@ def majority_vote(completions: list[str]) -> int | None:
         a = extract_answer(c)
         if a is None:
             continue
-        key = _to_fraction(a) if _to_fraction(a) is not None else _clean(a)
+        value = _to_fraction(a)
+        key = value if value is not None else _clean(a)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, i)
     if not counts:
@@ -905,7 +906,10 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     lengths = rollouts.response_lengths.clamp(min=1).float()               # (B,)
 
     # Mini-batches (whole groups), each cut into micro-batches in length order; reused by every pass.
-    minibatches = [_micro_batches(rollouts, cfg.micro_batch_size, rows) for rows in _minibatches(P, K, M)]
+    # The whole batch's micro-batches serve the no-grad passes (log π_t when not folded, and KL).
+    batches = _micro_batches(rollouts, cfg.micro_batch_size)
+    minibatches = [batches] if M == 1 else [_micro_batches(rollouts, cfg.micro_batch_size, rows)
+                                            for rows in _minibatches(P, K, M)]
 
     # log π_t(y): the policy that sampled the rollouts, frozen for the whole iteration, and the
     # entropy of π_t (a metric). With one mini-batch, π_θ IS π_t until the first optimizer step, so
@@ -919,8 +923,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
         logp_old_tok = torch.zeros(rollouts.input_ids.shape, dtype=torch.float32, device=device)  # (B, T), filled below
         entropy_tok = torch.zeros_like(logp_old_tok)                       # (B, T), filled below
     else:
-        logp_old_tok, entropy_tok = _logprobs_no_grad(model, rollouts, _micro_batches(rollouts, cfg.micro_batch_size),
-                                                      cfg, entropy=True)   # (B, T), (B, T)
+        logp_old_tok, entropy_tok = _logprobs_no_grad(model, rollouts, batches, cfg, entropy=True)  # (B, T), (B, T)
     _sync(device)
     t_logprobs = time.perf_counter() - t0
 
@@ -933,7 +936,8 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
     keep = torch.ones(P, dtype=torch.bool, device=device)                  # (P,)
     if cfg.reward_bounds is not None:
         lb, ub = cfg.reward_bounds
-        keep = (r.mean(1) > lb) & (r.mean(1) < ub)                         # (P,)
+        group_mean = r.mean(1)                                             # (P,)
+        keep = (group_mean > lb) & (group_mean < ub)                       # (P,)
     weights = keep.float().repeat_interleave(K)                            # (B,)
     if cfg.loss != "pmd":
         adv = adv * weights
@@ -1006,7 +1010,7 @@ def pmd_step(model, optimizer, rollouts: Rollouts, rewards, cfg: PMDConfig) -> d
 
     # After the last step: how far did π_θ move from π_t on these samples? (one more no-grad pass)
     t0 = time.perf_counter()
-    logp_new = _logprobs_no_grad(model, rollouts, _micro_batches(rollouts, cfg.micro_batch_size), cfg).sum(-1)  # (B,)
+    logp_new = _logprobs_no_grad(model, rollouts, batches, cfg).sum(-1)    # (B,)
     delta = logp_new - logp_old                                            # (B,) Δ
     # KL(π_t ‖ π_θ) = E_{y~π_t}[log π_t(y) − log π_θ(y)] ≈ mean_i(−Δ_i)  (y_i ~ π_t)
     kl = float((-delta).mean())

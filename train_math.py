@@ -617,6 +617,7 @@ def train(args) -> int:
         tqdm.write("interrupt: finishing this step, then writing a checkpoint (Ctrl-C again to abort)")
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
     def eval_line(e):
         return (f"step {e['step']}: held-out accuracy {e['accuracy']:.1%}, pass@{K} {e[f'pass@{K}']:.1%}, "
                 f"avg@{K} {e[f'avg@{K}']:.1%}, maj@{K} {e[f'maj@{K}']:.1%}")
@@ -761,6 +762,13 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
     return out
 
 
+def band(axis, x, m, e, **kw) -> None:
+    """A mean curve with its ± s.e. band shaded (no band where s.e. is nan: one seed)."""
+    x, m, e = (np.asarray(v, dtype=float) for v in (x, m, e))
+    axis.plot(x, m, "o-" if len(x) < 20 else "-", ms=3, **kw)
+    axis.fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
+
+
 def fmt_mse(m: float, e: float, pct: bool = True) -> str:
     f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
     return f"{f(m)} ± {f(e)}" if e == e else f(m)                         # e != e: one seed, no s.e.
@@ -807,15 +815,11 @@ def compare(run_dirs: list[str], out_png: str) -> int:
             key = next((k for k in a if k == name or (name.endswith("@") and k.startswith(name))), None)
             if key is None:
                 continue
-            x, m, e = (np.asarray(v, dtype=float) for v in a[key])
-            axis.plot(x, m, "o-" if len(x) < 20 else "-", ms=3, label=f"{label} (n={len(groups[label])})")
-            axis.fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
+            band(axis, *a[key], label=f"{label} (n={len(groups[label])})")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step (rollout batches)")
     for label, a in aggs.items():                                          # the same accuracy against time
-        x, (m, e) = np.asarray(a["seconds"][1]), (np.asarray(v, dtype=float) for v in a["accuracy"][1:])
-        ax.flat[8].plot(x, m, "o-", ms=3)
-        ax.flat[8].fill_between(x, m - np.nan_to_num(e), m + np.nan_to_num(e), alpha=0.2)
+        band(ax.flat[8], a["seconds"][1], *a["accuracy"][1:])
     ax.flat[8].set_title("held-out greedy accuracy against training seconds", fontsize=9)
     ax.flat[8].set_xlabel("seconds (sampling + updates, no evaluation), mean over seeds")
     ax.flat[1].legend(fontsize=6)
