@@ -1215,6 +1215,29 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_cache, capsys, extra):
     assert tm.read_jsonl(full / "eval.jsonl") == tm.read_jsonl(half / "eval.jsonl")
 
 
+def test_a_run_from_before_the_default_change_resumes_with_its_own_config(tmp_path, tiny_cache, capsys):
+    """A run.json written before --minibatches existed, when the tiny defaults were 2 whole-batch
+    passes at lr 1e-4, and saved its flags as None: resumed, it must go on with that config (the
+    saved one), not with today's defaults, and equal an uninterrupted run made with the old values."""
+    old = ["--minibatches", "1", "--updates", "2", "--lr", "1e-4"]
+    base = SMOKE + ["--tiny-cache", tiny_cache, "--no-plot"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert tm.main(base + old + ["--steps", "4", "--out", str(full)]) == 0
+    assert tm.main(base + old + ["--steps", "2", "--out", str(half)]) == 0
+    run = json.loads((half / "run.json").read_text())
+    run["args"].update(updates=None, lr=None)                              # the old scripts' "use the default"
+    for gone in ("minibatches", "reset_optimizer", "reward_bounds", "terms"):
+        del run["args"][gone]
+    for gone in ("minibatches", "reset_optimizer", "reward_bounds", "gspo_clip"):
+        del run["config"][gone]
+    (half / "run.json").write_text(json.dumps(run))
+    assert tm.main(["--resume", str(half), "--steps", "4", "--no-plot"]) == 0
+    config = json.loads((half / "run.json").read_text())["config"]
+    assert (config["lr"], config["updates_per_batch"], config["minibatches"]) == (1e-4, 2, 1)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(tm.read_jsonl(full / "metrics.jsonl")) == strip(tm.read_jsonl(half / "metrics.jsonl"))
+
+
 def test_first_run_that_builds_the_tiny_model_equals_a_cached_run(tmp_path, capsys):
     """Building the tiny model draws random numbers, loading it does not: the run must not care."""
     args = SMOKE + ["--tiny-cache", str(tmp_path / "fresh_cache"), "--steps", "2", "--no-plot"]

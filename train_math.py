@@ -568,11 +568,17 @@ def train(args) -> int:
     if resume:
         if not (resume / "checkpoint" / "state.pt").is_file() or not (resume / "run.json").is_file():
             raise UsageError(f"--resume {resume}: no checkpoint found there.")
-        saved = json.loads((resume / "run.json").read_text())["args"]
+        run = json.loads((resume / "run.json").read_text())
         keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
         defaults = vars(parse_args([]))                                    # flags added since that run
-        args = argparse.Namespace(**{**defaults, **saved, **keep, "out": str(resume)})
+        args = argparse.Namespace(**{**defaults, **run["args"], **keep, "out": str(resume)})
     cfg = make_config(args)
+    if resume:
+        # The config the run was started with, not one re-derived from its flags: script defaults
+        # change (the tiny model's lr, passes and mini-batches did), and a resumed run must not.
+        # Fields added to PMDConfig since then take their dataclass defaults, the old behaviour.
+        fields = {f.name for f in dataclasses.fields(PMDConfig)}
+        cfg = PMDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items() if k in fields})
     device = pick_device(args.device)
 
     # Every check that can fail on bad input comes before the first file is written.
