@@ -1147,6 +1147,27 @@ def test_worked_chain_problems_are_right_step_by_step(terms):
     assert tm.answer_budget(terms) >= max(len(p["solution"]) + 1 for p in train)  # the chain + EOS fits
 
 
+@pytest.mark.parametrize("digits,terms", [(2, 2), (3, 2), (2, 3)])
+def test_padded_answers_have_one_width_and_the_same_problems(digits, terms):
+    """--pad (the default) changes only how the warm start writes solutions: every value zero-padded
+    to the width of the largest possible sum (re-derived here: terms·(10^digits − 1)), the same
+    problems, an unpadded answer, and the reward reads the padded text as the same number."""
+    plain = tm.arithmetic_split("train", 500, 1, digits, "+", terms)
+    padded = tm.arithmetic_split("train", 500, 1, digits, "+", terms, pad=True)
+    width = len(str(terms * (10 ** digits - 1)))
+    assert [p["question"] for p in plain] == [p["question"] for p in padded]
+    assert [p["answer"] for p in plain] == [p["answer"] for p in padded]
+    assert any(len(p["answer"]) < width for p in padded)                  # some answers are short...
+    for p, q in zip(plain, padded):
+        values = [part.split("+")[0] for part in q["solution"].split("=")]  # "079+38=117" → 079, 117
+        assert all(len(v) == width and v.isdigit() for v in values)        # ...but every value has the width
+        assert [int(v) for v in values] == [int(part.split("+")[0]) for part in p["solution"].split("=")]
+        assert not p["answer"].startswith("0") or p["answer"] == "0"
+        assert pm.math_reward(q["solution"], q["answer"]) == 1.0
+    assert tm.answer_budget(terms) >= max(len(p["solution"]) + 1 for p in padded)  # still fits with EOS
+    assert tm.parse_args([]).pad and not tm.parse_args(["--no-pad"]).pad
+
+
 @pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="../shared/data/gsm8k not present")
 def test_load_real_gsm8k_jsonl():
     rows = tm.load_jsonl(str(GSM8K / "train.jsonl"))
@@ -1219,21 +1240,23 @@ def test_a_run_from_before_the_default_change_resumes_with_its_own_config(tmp_pa
     """A run.json written before --minibatches existed, when the tiny defaults were 2 whole-batch
     passes at lr 1e-4, and saved its flags as None: resumed, it must go on with that config (the
     saved one), not with today's defaults, and equal an uninterrupted run made with the old values."""
-    old = ["--minibatches", "1", "--updates", "2", "--lr", "1e-4"]
+    old = ["--minibatches", "1", "--updates", "2", "--lr", "1e-4", "--no-pad"]
     base = SMOKE + ["--tiny-cache", tiny_cache, "--no-plot"]
     full, half = tmp_path / "full", tmp_path / "half"
     assert tm.main(base + old + ["--steps", "4", "--out", str(full)]) == 0
     assert tm.main(base + old + ["--steps", "2", "--out", str(half)]) == 0
     run = json.loads((half / "run.json").read_text())
     run["args"].update(updates=None, lr=None)                              # the old scripts' "use the default"
-    for gone in ("minibatches", "reset_optimizer", "reward_bounds", "terms"):
+    for gone in ("minibatches", "reset_optimizer", "reward_bounds", "terms", "pad"):
         del run["args"][gone]
     for gone in ("minibatches", "reset_optimizer", "reward_bounds", "gspo_clip"):
         del run["config"][gone]
     (half / "run.json").write_text(json.dumps(run))
     assert tm.main(["--resume", str(half), "--steps", "4", "--no-plot"]) == 0
-    config = json.loads((half / "run.json").read_text())["config"]
+    resumed = json.loads((half / "run.json").read_text())
+    config = resumed["config"]
     assert (config["lr"], config["updates_per_batch"], config["minibatches"]) == (1e-4, 2, 1)
+    assert resumed["args"]["pad"] is False                                 # warm-started before --pad
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(tm.read_jsonl(full / "metrics.jsonl")) == strip(tm.read_jsonl(half / "metrics.jsonl"))
 
@@ -1368,6 +1391,23 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
     assert below == {"lr=0.0001": "0/3", "lr=0.0003": "0/2", "lr=0.001": "1/1"}
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tm.main(["--compare", str(tmp_path / "a0"), str(tmp_path / "nothing")]) == 2  # not a run: one sentence
+
+
+def test_compare_reads_a_run_from_before_pad_as_unpadded(tmp_path):
+    """A run.json without a flag added since takes the value that run ran with (OLD_DEFAULTS), so an
+    old run groups with a new --no-pad run of another seed, and apart from a padded one."""
+    old = fake_run(tmp_path, "old", 0, 1e-4, (0.1, 0.2, 0.3), [0.1] * 20)
+    run = json.loads((Path(old) / "run.json").read_text())
+    del run["args"]["pad"]
+    (Path(old) / "run.json").write_text(json.dumps(run))
+    plain = fake_run(tmp_path, "plain", 1, 1e-4, (0.1, 0.2, 0.3), [0.1] * 20)
+    run = json.loads((Path(plain) / "run.json").read_text())
+    run["args"]["pad"] = False
+    (Path(plain) / "run.json").write_text(json.dumps(run))
+    padded = fake_run(tmp_path, "padded", 2, 1e-4, (0.1, 0.2, 0.3), [0.1] * 20)
+    groups = tm.load_runs([old, plain, padded])
+    assert {k: sorted(r["dir"].name for r in g) for k, g in groups.items()} == \
+        {"pad=False": ["old", "plain"], "pad=True": ["padded"]}
 
 
 # -----------------------------------------------------------------------------

@@ -24,14 +24,18 @@ Departures (beyond those listed at the top of pmd_mean.py):
      better at what you half know", as for a pretrained LLM on GSM8K. Chosen by experiment (see
      `warm_start`); the stop is an accuracy, not a step count, because when the model "gets it"
      depends on the CPU's float rounding (1,050 steps on one machine, about 1,750 on another).
+     The warm start writes sums zero-padded to one width ("12+34=046", `--pad`, the default): with
+     "46" the units digit sits at position 2 or 3 depending on the sum, and some seeds' warm starts
+     had learned it at only one of them (three-digit sums right, two-digit ones ~5%), which RL did
+     not repair in 200 steps. The reward compares numbers, so "046" and "46" both score.
   2. The learning rate warms up linearly over `--lr-warmup` RL steps (rollout batches, not
      optimizer steps; not in the papers): Adam's first steps move every weight by about lr
      whatever its gradient.
   3. pass@k, avg@k and maj@k are measured with n = k samples per problem.
-  4. Defaults for the tiny model (τ = 1, one pass in M = 4 mini-batch steps, lr 5e-5, 16 prompts ×
-     8 samples) were chosen by experiment: the README's quick-start table, where every one of
-     seeds 0–4 gains at least 10 points. For real models (lr 1e-6, 512 new tokens) they are the
-     usual starting points, not measured here.
+  4. Defaults for the tiny model (padded answers, τ = 1, one pass in M = 4 mini-batch steps,
+     lr 5e-5, 16 prompts × 8 samples) were chosen by experiment: the README's quick-start table,
+     where every seed tried gains at least 10 points. For real models (lr 1e-6, 512 new tokens)
+     they are the usual starting points, not measured here.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ ALGOS = {  # --algo → (baseline, loss)
     "grpo": ("mean", "grpo"),
     "gspo": ("mean", "gspo"),
 }
+# Flags whose default changed after runs had been made with the old one: a run.json from before the
+# flag existed ran with the value given here, and `--resume` must go on with it.
+OLD_DEFAULTS = {"pad": False}
 TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "time_kl", "tokens_per_s")
 
 
@@ -93,10 +100,14 @@ def is_held_out(expression: str) -> bool:
     return int(hashlib.sha256(expression.encode()).hexdigest(), 16) % 10 == 0
 
 
-def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+", terms: int = 2) -> list[dict]:
+def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+", terms: int = 2,
+                     pad: bool = False) -> list[dict]:
     """n problems {"question": "12+34=", "answer": "46", "solution": "46"} of the given split, seeded.
 
     Difficulty: `digits` per operand and the operators `ops` ("+", "-", "+-"); "-" can give negatives.
+    `pad` writes every value of the solution zero-padded to the width of the largest possible sum
+    ("12+34=" → "046", "78+78=" → "156"), so that each digit of the answer has one position; the
+    answer stays "46" (the reward compares numbers).
     With `terms` > 2 the solution is a short worked chain that keeps the running result, the form the
     warm start teaches: "12+34+56=" → "46+56=102" (answer 102).
     """
@@ -107,10 +118,11 @@ def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+",
         if is_held_out(expression) != (split == "test"):
             continue
         steps, value = [], nums[0]
+        width = len(str(terms * (10 ** digits - 1))) if pad else 0          # "46" → "046" for 2-digit sums
         for i, (op, x) in enumerate(zip(signs, nums[1:])):
             value = value + x if op == "+" else value - x
             rest = "".join(f"{o}{y}" for o, y in zip(signs[i + 1:], nums[i + 2:]))
-            steps.append(f"{value}{rest}")                               # "46+56", then "102"
+            steps.append(f"{value:0{width}d}{rest}")                       # "46+56" (or "046+56"), "102"
         out.append({"question": f"{expression}=", "answer": str(value), "solution": "=".join(steps)})
     return out
 
@@ -145,8 +157,8 @@ def load_jsonl(path: str) -> list[dict]:
 def load_data(args) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems; the held-out ones never appear in training."""
     if args.data == "arithmetic":
-        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms),
-                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops, args.terms))
+        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms, args.pad),
+                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops, args.terms, args.pad))
     if args.data == "gsm8k":
         try:
             import datasets
@@ -270,7 +282,7 @@ def build_tiny(args, device) -> tuple:
     from transformers import AutoModelForCausalLM
 
     key = (f"v3-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}"
-           f"{f'-t{args.terms}' if args.terms != 2 else ''}"
+           f"{f'-t{args.terms}' if args.terms != 2 else ''}{'-pad' if args.pad else ''}"
            f"-acc{args.warmup_accuracy:g}-max{args.warmup_steps}-seed{args.seed}")
     path = Path(args.tiny_cache).expanduser() / key
     tokenizer = byte_tokenizer()
@@ -283,12 +295,12 @@ def build_tiny(args, device) -> tuple:
           f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
     t0 = time.time()
-    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms)
+    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms, args.pad)
     budget = answer_budget(args.terms)
     steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device,
                                   max_new_tokens=budget)
-    acc, _ = greedy_scores(model, tokenizer, arithmetic_split("test", 500, args.seed, args.digits, args.ops, args.terms),
-                           "tiny", PMDConfig(max_new_tokens=budget), batch=256)
+    held_out = arithmetic_split("test", 500, args.seed, args.digits, args.ops, args.terms, args.pad)
+    acc, _ = greedy_scores(model, tokenizer, held_out, "tiny", PMDConfig(max_new_tokens=budget), batch=256)
     stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, {steps} steps ({train_acc:.1%} on training "
           f"problems, target {stop}), held-out greedy accuracy {acc:.1%}")
@@ -437,6 +449,9 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +- (minus can give negatives)")
     p.add_argument("--terms", type=int, default=2,
                    help="numbers per problem; 3 or more: answers are worked chains, 12+34+56=46+56=102")
+    p.add_argument("--pad", action=argparse.BooleanOptionalAction, default=True,
+                   help="arithmetic: the warm start writes answers zero-padded to one width, 12+34=046 "
+                   "(default; --no-pad: 12+34=46, the task of the README's experiments)")
     p.add_argument("--warmup-accuracy", type=float, default=0.3,
                    help="tiny model: warm-start until this share of 500 training problems is right")
     p.add_argument("--warmup-steps", type=int, default=5000, help="tiny model: at most this many warm-start steps")
@@ -570,7 +585,7 @@ def train(args) -> int:
             raise UsageError(f"--resume {resume}: no checkpoint found there.")
         run = json.loads((resume / "run.json").read_text())
         keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
-        defaults = vars(parse_args([]))                                    # flags added since that run
+        defaults = {**vars(parse_args([])), **OLD_DEFAULTS}               # flags added since that run
         args = argparse.Namespace(**{**defaults, **run["args"], **keep, "out": str(resume)})
     cfg = make_config(args)
     if resume:
@@ -721,12 +736,13 @@ def load_runs(run_dirs: list[str]) -> dict:
     Each run is {"dir", "args", "config", "evals", "metrics", "summary"}; the label names the flags
     that tell this setting apart from the others (or the algorithm, if there is one setting).
     """
-    runs = []
+    runs, defaults = [], {**vars(parse_args([])), **OLD_DEFAULTS}
     for d in map(Path, run_dirs):
         if not (d / "summary.json").is_file() or not (d / "run.json").is_file():
             raise UsageError(f"{d} is not a finished run (no summary.json).")
         run = json.loads((d / "run.json").read_text())
-        runs.append({"dir": d, "args": run["args"], "config": run["config"], "evals": read_jsonl(d / "eval.jsonl"),
+        args = {**defaults, **run["args"]}                                 # flags added since: as --resume
+        runs.append({"dir": d, "args": args, "config": run["config"], "evals": read_jsonl(d / "eval.jsonl"),
                      "metrics": read_jsonl(d / "metrics.jsonl"), "summary": json.loads((d / "summary.json").read_text())})
     key = lambda r: json.dumps({k: v for k, v in sorted(r["args"].items()) if k not in NOT_THE_SETTING})
     groups = {}
