@@ -71,10 +71,17 @@ ALGOS = {  # --algo → (baseline, loss)
     "grpo": ("mean", "grpo"),
     "gspo": ("mean", "gspo"),
 }
+TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "time_kl", "tokens_per_s")
 # Flags whose default changed after runs had been made with the old one: a run.json from before the
 # flag existed ran with the value given here, and `--resume` must go on with it.
 OLD_DEFAULTS = {"pad": False}
-TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", "time_kl", "tokens_per_s")
+
+
+def saved_args(run: dict) -> dict:
+    """The flags of a run from its run.json: flags added since take today's defaults, except those
+    in OLD_DEFAULTS, which take the value the run ran with."""
+    return {**vars(parse_args([])), **OLD_DEFAULTS, **run["args"]}
+
 
 
 class UsageError(Exception):
@@ -112,13 +119,13 @@ def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+",
     warm start teaches: "12+34+56=" → "46+56=102" (answer 102).
     """
     rng, out = random.Random(f"{split}-{seed}"), []
+    width = len(str(terms * (10 ** digits - 1))) if pad else 0             # "46" → "046" for 2-digit sums
     while len(out) < n:
         nums, signs = arithmetic_problem(rng, digits, ops, terms)
         expression = str(nums[0]) + "".join(f"{op}{x}" for op, x in zip(signs, nums[1:]))
         if is_held_out(expression) != (split == "test"):
             continue
         steps, value = [], nums[0]
-        width = len(str(terms * (10 ** digits - 1))) if pad else 0          # "46" → "046" for 2-digit sums
         for i, (op, x) in enumerate(zip(signs, nums[1:])):
             value = value + x if op == "+" else value - x
             rest = "".join(f"{o}{y}" for o, y in zip(signs[i + 1:], nums[i + 2:]))
@@ -154,11 +161,15 @@ def load_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def arithmetic_of(args, split: str, n: int) -> list[dict]:
+    """`arithmetic_split` with the task the flags describe (--digits, --ops, --terms, --pad)."""
+    return arithmetic_split(split, n, args.seed, args.digits, args.ops, args.terms, args.pad)
+
+
 def load_data(args) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems; the held-out ones never appear in training."""
     if args.data == "arithmetic":
-        return (arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms, args.pad),
-                arithmetic_split("test", args.eval_problems, args.seed, args.digits, args.ops, args.terms, args.pad))
+        return arithmetic_of(args, "train", 20_000), arithmetic_of(args, "test", args.eval_problems)
     if args.data == "gsm8k":
         try:
             import datasets
@@ -295,12 +306,12 @@ def build_tiny(args, device) -> tuple:
           f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
     model = tiny_model(len(tokenizer), seed=args.seed).to(device)
     t0 = time.time()
-    train = arithmetic_split("train", 20_000, args.seed, args.digits, args.ops, args.terms, args.pad)
+    train = arithmetic_of(args, "train", 20_000)
     budget = answer_budget(args.terms)
     steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device,
                                   max_new_tokens=budget)
-    held_out = arithmetic_split("test", 500, args.seed, args.digits, args.ops, args.terms, args.pad)
-    acc, _ = greedy_scores(model, tokenizer, held_out, "tiny", PMDConfig(max_new_tokens=budget), batch=256)
+    acc, _ = greedy_scores(model, tokenizer, arithmetic_of(args, "test", 500), "tiny",
+                           PMDConfig(max_new_tokens=budget), batch=256)
     stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, {steps} steps ({train_acc:.1%} on training "
           f"problems, target {stop}), held-out greedy accuracy {acc:.1%}")
@@ -585,8 +596,7 @@ def train(args) -> int:
             raise UsageError(f"--resume {resume}: no checkpoint found there.")
         run = json.loads((resume / "run.json").read_text())
         keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
-        defaults = {**vars(parse_args([])), **OLD_DEFAULTS}               # flags added since that run
-        args = argparse.Namespace(**{**defaults, **run["args"], **keep, "out": str(resume)})
+        args = argparse.Namespace(**{**saved_args(run), **keep, "out": str(resume)})
     cfg = make_config(args)
     if resume:
         # The config the run was started with, not one re-derived from its flags: script defaults
@@ -736,13 +746,12 @@ def load_runs(run_dirs: list[str]) -> dict:
     Each run is {"dir", "args", "config", "evals", "metrics", "summary"}; the label names the flags
     that tell this setting apart from the others (or the algorithm, if there is one setting).
     """
-    runs, defaults = [], {**vars(parse_args([])), **OLD_DEFAULTS}
+    runs = []
     for d in map(Path, run_dirs):
         if not (d / "summary.json").is_file() or not (d / "run.json").is_file():
             raise UsageError(f"{d} is not a finished run (no summary.json).")
         run = json.loads((d / "run.json").read_text())
-        args = {**defaults, **run["args"]}                                 # flags added since: as --resume
-        runs.append({"dir": d, "args": args, "config": run["config"], "evals": read_jsonl(d / "eval.jsonl"),
+        runs.append({"dir": d, "args": saved_args(run), "config": run["config"], "evals": read_jsonl(d / "eval.jsonl"),
                      "metrics": read_jsonl(d / "metrics.jsonl"), "summary": json.loads((d / "summary.json").read_text())})
     key = lambda r: json.dumps({k: v for k, v in sorted(r["args"].items()) if k not in NOT_THE_SETTING})
     groups = {}
