@@ -20,14 +20,14 @@ each holds B = P·K/N of the B_all = P·K rows of a rollout batch (P_all = P pro
 
 Scaling out (the same script; TRL and accelerate do the rest). Run here on the CPU only: one process,
 `accelerate launch --cpu` with one process, and two processes with `torchrun --nproc_per_node 2`
-(gloo); the GPU, DeepSpeed and vLLM commands below were NOT run (README, "Scaling out").
+(gloo); the GPU, DeepSpeed and vLLM commands below were NOT run (docs/SCALING.md).
 
     accelerate launch --num_processes 8 pmd_trl.py --model Qwen2.5-1.5B-Instruct \\
-        --data ../shared/data/gsm8k/train.jsonl --prompts-per-step 64 --micro-batch 16 --max-steps 400
+        --data gsm8k --prompts-per-step 64 --micro-batch 16 --max-steps 400
     # DeepSpeed ZeRO-2 / ZeRO-3 with the configs TRL ships (8 processes, bf16 mixed precision):
     CONFIGS=$(python -c "import trl, os; print(os.path.dirname(trl.__file__))")/accelerate_configs
     accelerate launch --config_file $CONFIGS/zero3.yaml \\
-        pmd_trl.py --model Qwen2.5-1.5B-Instruct --dtype float32 --bf16 --data ../shared/data/gsm8k/train.jsonl
+        pmd_trl.py --model Qwen2.5-1.5B-Instruct --dtype float32 --bf16 --data gsm8k
     # vLLM samples, colocated on the training GPUs (`pip install vllm` first): add --vllm
 
 --prompts-per-step is P for the whole step, across all processes (each gets P·K/N sequences);
@@ -78,7 +78,7 @@ except ImportError:
     sys.exit(2)
 
 import train_math
-from pmd_mean import compute_baseline, math_reward, pmd_loss
+from pmd_mean import PMDConfig, compute_baseline, math_reward, pmd_loss
 from train_math import UsageError
 
 
@@ -198,11 +198,12 @@ def parse_args(argv=None):
     # model and data (as train_math.py)
     p.add_argument("--model", default="tiny", help="tiny | a short name (" + ", ".join(train_math.SHORT_NAMES)
                    + ") | a hub id | a local directory")
-    p.add_argument("--data", default="arithmetic", help="arithmetic | a GSM8K-format JSONL path")
+    p.add_argument("--data", default="arithmetic", help="arithmetic | a GSM8K-format JSONL path | gsm8k (needs `datasets` and network)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +-")
-    p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the warm-started tiny model is cached")
+    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean",
+                   help="where the warm-started tiny model and models converted from a GGUF file are cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     p.add_argument("--no-warm-start", action="store_true",
                    help="tiny only: an untrained tiny model, built in seconds (tests; its reward stays ~0)")
@@ -236,13 +237,31 @@ def parse_args(argv=None):
         raise UsageError(f"unknown --algo {args.algo!r}: pmd_trl.py runs pmd-mean or pmd-part.")
     if args.no_warm_start and args.model != "tiny":
         raise UsageError("--no-warm-start applies to --model tiny only.")
-    if args.max_steps < 1 or (args.micro_batch is not None and args.micro_batch < 1):
-        raise UsageError("--max-steps and --micro-batch must be at least 1.")
-    # train_math's own flags at their defaults underneath ours: its functions read them
-    # One optimizer step on the whole batch per update: TRL splits shuffled rows, not prompt groups, so
-    # train_math's --minibatches has no faithful counterpart here (README, "Scaling out").
-    return argparse.Namespace(**{**vars(train_math.parse_args([])), **vars(args), "steps": args.max_steps,
-                                 "minibatches": 1})
+    for name in ("max_steps", "prompts_per_step", "eval_problems", "lr_warmup", "updates", "digits"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise UsageError("--micro-batch must be at least 1.")
+    return args
+
+
+def make_config(args) -> PMDConfig:
+    """The PMDConfig of the flags, with train_math's defaults. One optimizer step on the whole batch per
+    update (M = 1): TRL splits shuffled rows, not prompt groups, so train_math's --minibatches has no
+    faithful counterpart here (docs/SCALING.md)."""
+    baseline, _ = train_math.ALGOS[args.algo]
+    tiny = args.model == "tiny"
+    kw = dict(baseline=baseline, leave_one_out=not args.no_leave_one_out, samples_per_prompt=args.samples_per_prompt,
+              temperature=args.temperature, lr=args.lr if args.lr is not None else (5e-5 if tiny else 1e-6),
+              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
+              grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed,
+              updates_per_batch=args.updates, minibatches=1)
+    if args.tau is not None:
+        kw["tau"] = args.tau
+    try:
+        return PMDConfig(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def trainer_config(args, cfg) -> PMDTrainerConfig:
@@ -272,9 +291,12 @@ def trainer_config(args, cfg) -> PMDTrainerConfig:
 
 
 def train(args) -> int:
-    cfg = train_math.make_config(args)                                     # validates, as in train_math
+    cfg = make_config(args)
     train_math.pick_device(args.device)                                    # rejects a bad --device
-    train_set, test_set = train_math.load_data(args)
+    if args.ops == "" or set(args.ops) - set("+-"):
+        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
+    task = train_math.Arithmetic(args.digits, args.ops)                    # two terms, answers padded
+    train_set, test_set = train_math.load_data(args.data, args.eval_data, args.eval_problems, args.seed, task)
     out = Path(args.out)
     train_math.check_writable(out)
     targs = trainer_config(args, cfg)
@@ -283,15 +305,19 @@ def train(args) -> int:
         if args.no_warm_start:
             tokenizer, kind = train_math.byte_tokenizer(), "tiny"
             model = train_math.tiny_model(len(tokenizer), seed=args.seed).to(device)
+        elif args.model == "tiny":
+            model, tokenizer = train_math.build_tiny(task, args.seed, 0.3, 5000, args.tiny_cache, args.fresh, device)
+            kind = "tiny"
         else:
-            model, tokenizer, kind = train_math.load_model(args, device)
+            model, tokenizer = train_math.load_model(args.model, device, args.dtype, args.tiny_cache)
+            kind = train_math.prompt_kind(tokenizer)
     tokenizer.padding_side = "left"                                        # TRL's requirement for prompts
 
     import datasets
-    rows = [{"prompt": train_math.make_prompt(p["question"], tokenizer, kind), "answer": p["answer"]}
+    rows = [{"prompt": train_math.make_prompt(p, tokenizer, kind), "answer": p["answer"]}
             for p in train_set]
     single = targs.world_size == 1
-    score = lambda: train_math.greedy_scores(model, tokenizer, test_set, kind, cfg, batch=64)[0]
+    score = lambda: train_math.greedy_scores(model, tokenizer, test_set, kind, cfg, batch=64)["accuracy"]
     before = score() if single else None
     try:                                                                   # the first file written: inputs all checked
         out.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,7 @@ def _trainer_and_rollouts(tmp_path, baseline: str, tau: float = 0.5):
     tokenizer.padding_side = "left"
     model = tiny_model(len(tokenizer), layers=2, width=64, seed=0)
     prompts = ["1+2=", "12+34=", "7+45="]                                  # 4, 6 and 5 tokens
-    cfg = PMDConfig(samples_per_prompt=K, max_new_tokens=8, tau=tau, baseline=baseline, updates_per_batch=1,
+    cfg = PMDConfig(samples_per_prompt=K, max_new_tokens=8, tau=tau, baseline=baseline, updates_per_batch=1, minibatches=1,
                     grad_clip=1e9, measure_kl=False, micro_batch_size=64)   # no clipping: plain gradients
     torch.manual_seed(0)
     rollouts = ragged(sample_rollouts(model, tokenizer, prompts, K, cfg), tokenizer)

