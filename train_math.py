@@ -403,10 +403,15 @@ def load_gguf(gguf: Path, cache: Path | None, device):
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF's own special-token ids win: transformers 4.56 reads SmolLM2's EOS as <|im_start|>.
+    for role in ("eos", "pad"):
+        token_id = getattr(loaded.config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     if cache is None:
         return loaded.to(device), tokenizer
     config = copy.deepcopy(loaded.config)
-    del config.quantization_config                                         # plain float32 weights from here on
+    config.__dict__.pop("quantization_config", None)                       # plain float32 weights from here on
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
@@ -472,7 +477,9 @@ def load_model(name: str, device, dtype: str = "bfloat16", cache: str = "~/.cach
                   f"{package.replace('_', '-')} package instead. These weights hold {quant} rounding: "
                   f"dequantised to float32, not the hub's own weights.")
             try:
-                model, tokenizer = load_gguf(gguf, Path(cache).expanduser() / f"{name.replace('/', '--')}-{quant}", device)
+                import transformers                                        # a cache per version: tokenizer files differ
+                folder = f"{name.replace('/', '--')}-{quant}-transformers{transformers.__version__}"
+                model, tokenizer = load_gguf(gguf, Path(cache).expanduser() / folder, device)
             except Exception as e2:
                 raise UsageError(f"could not load {gguf} ({first_line(e2)}).") from None
             model = model.to(torch_dtype)
