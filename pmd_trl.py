@@ -250,18 +250,12 @@ def make_config(args) -> PMDConfig:
     update (M = 1): TRL splits shuffled rows, not prompt groups, so train_math's --minibatches has no
     faithful counterpart here (docs/SCALING.md)."""
     baseline, _ = train_math.ALGOS[args.algo]
-    tiny = args.model == "tiny"
-    kw = dict(baseline=baseline, leave_one_out=not args.no_leave_one_out, samples_per_prompt=args.samples_per_prompt,
-              temperature=args.temperature, lr=args.lr if args.lr is not None else (5e-5 if tiny else 1e-6),
-              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (8 if tiny else 512),
-              grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed,
-              updates_per_batch=args.updates, minibatches=1)
-    if args.tau is not None:
-        kw["tau"] = args.tau
-    try:
-        return PMDConfig(**kw)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    given = {"lr": args.lr, "max_new_tokens": args.max_new_tokens, "tau": args.tau}
+    kw = {**train_math.model_defaults(args.model), **{k: v for k, v in given.items() if v is not None}}
+    return train_math.config(baseline=baseline, leave_one_out=not args.no_leave_one_out,
+                             samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
+                             grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed,
+                             updates_per_batch=args.updates, minibatches=1, **kw)
 
 
 def trainer_config(args, cfg) -> PMDTrainerConfig:

@@ -648,27 +648,33 @@ def check_flags(args) -> None:
                          "a batch can be split into (mini-batches hold whole groups).")
 
 
-def make_config(args) -> PMDConfig:
-    """The PMDConfig the flags describe; the script's defaults where a flag is not given."""
-    baseline, loss = ALGOS[args.algo]
-    tiny = args.model == "tiny"
-    kw = dict(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
-              samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
-              lr=args.lr if args.lr is not None else (5e-5 if tiny else 1e-6),
-              max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None
-              else (answer_budget(args.terms) if tiny else 512),
-              grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
-              seed=args.seed, reset_optimizer=args.reset_optimizer, updates_per_batch=args.updates,
-              minibatches=args.minibatches if args.minibatches is not None else min(4, args.prompts_per_step),
-              reward_bounds=tuple(args.reward_bounds) if args.reward_bounds else None)
-    if args.tau is not None:
-        kw["tau"] = args.tau
-    if args.micro_batch is not None:
-        kw["micro_batch_size"] = args.micro_batch
+def model_defaults(model: str, terms: int = 2) -> dict:
+    """The script's defaults that depend on the model: 5e-5 and a budget of one answer for the tiny
+    model (measured, docs/EXPERIMENTS.md), 1e-6 and 512 tokens for a pretrained one (a usual start)."""
+    tiny = model == "tiny"
+    return {"lr": 5e-5 if tiny else 1e-6, "max_new_tokens": answer_budget(terms) if tiny else 512}
+
+
+def config(**kw) -> PMDConfig:
+    """PMDConfig(**kw), its one-sentence ValueError as a UsageError (exit code 2)."""
     try:
         return PMDConfig(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def make_config(args) -> PMDConfig:
+    """The PMDConfig the flags describe; the script's defaults where a flag is not given."""
+    baseline, loss = ALGOS[args.algo]
+    given = {"lr": args.lr, "max_new_tokens": args.max_new_tokens, "tau": args.tau,
+             "micro_batch_size": args.micro_batch}
+    kw = {**model_defaults(args.model, args.terms), **{k: v for k, v in given.items() if v is not None}}
+    return config(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
+                  samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
+                  grad_checkpointing=args.grad_checkpointing, compile_decode=args.compile, dtype=args.dtype,
+                  seed=args.seed, reset_optimizer=args.reset_optimizer, updates_per_batch=args.updates,
+                  minibatches=args.minibatches if args.minibatches is not None else min(4, args.prompts_per_step),
+                  reward_bounds=tuple(args.reward_bounds) if args.reward_bounds else None, **kw)
 
 
 def task_of(args) -> Arithmetic:
