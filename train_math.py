@@ -1009,7 +1009,8 @@ def compare(run_dirs: list[str], out_png: str) -> int:
     for axis, (name, title) in zip(ax.flat, PANELS):
         for label, a in aggs.items():
             key = next((k for k in a if k == name or (name.endswith("@") and k.startswith(name))), None)
-            if key is None:
+            if key is None:                                                # e.g. pass@k with --eval-samples 0
+                axis.text(0.5, 0.5, "not measured in these runs", ha="center", va="center", transform=axis.transAxes)
                 continue
             band(axis, *a[key], label=f"{label} (n={len(groups[label])})")
         axis.set_title(title, fontsize=9)
