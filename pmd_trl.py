@@ -202,7 +202,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
     p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +-")
-    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean",
+    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean", metavar="DIR",
                    help="where the warm-started tiny model and models converted from a GGUF file are cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     p.add_argument("--no-warm-start", action="store_true",

@@ -583,7 +583,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-accuracy", type=float, default=0.3,
                    help="tiny model: warm-start until this share of 500 training problems is right")
     p.add_argument("--warmup-steps", type=int, default=5000, help="tiny model: at most this many warm-start steps")
-    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean",
+    p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean", metavar="DIR",
                    help="where the tiny model and models converted from a GGUF file are cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
