@@ -870,10 +870,10 @@ def _chunked_logprobs(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.
                 _gather_logprobs, lm_head, h[s:s + chunk], targets[s:s + chunk], entropy, use_reentrant=False))
         else:
             pieces.append(_gather_logprobs(lm_head, h[s:s + chunk], targets[s:s + chunk], entropy))
-    if not entropy:
-        pieces = [(p, p) for p in pieces]
     cat = lambda xs: torch.cat(xs) if xs else h.new_zeros(0, dtype=torch.float32)  # (N,)
-    return cat([p[0] for p in pieces]), (cat([p[1] for p in pieces]) if entropy else None)
+    if not entropy:
+        return cat(pieces), None
+    return cat([lp for lp, _ in pieces]), cat([ent for _, ent in pieces])
 
 
 def _micro_batches(rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:

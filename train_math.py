@@ -388,8 +388,8 @@ def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: " + (str(e).splitlines()[0][:200].rstrip(".") if str(e) else "no detail")
 
 
-def load_gguf(gguf: Path, cache: Path | None, device):
-    """(model, tokenizer) from a GGUF file; with `cache`, converted once to safetensors there.
+def load_gguf(gguf: Path, cache: Path | None, device, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a GGUF file, in `dtype`; with `cache`, converted once to safetensors there.
 
     transformers dequantises a GGUF to float32 on every load (~25 s for 135M parameters) and refuses
     `save_pretrained` on the result, so we copy its weights into a model built from its config, which
@@ -398,7 +398,7 @@ def load_gguf(gguf: Path, cache: Path | None, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cache is not None and (cache / "model.safetensors").is_file():
-        return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).to(device),
+        return (AutoModelForCausalLM.from_pretrained(cache, dtype=dtype).to(device),
                 AutoTokenizer.from_pretrained(cache))
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -409,7 +409,7 @@ def load_gguf(gguf: Path, cache: Path | None, device):
         if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     if cache is None:
-        return loaded.to(device), tokenizer
+        return loaded.to(device, dtype), tokenizer
     config = copy.deepcopy(loaded.config)
     config.__dict__.pop("quantization_config", None)                       # plain float32 weights from here on
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -422,7 +422,7 @@ def load_gguf(gguf: Path, cache: Path | None, device):
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     print(f"model: converted {gguf.name} to safetensors in {time.time() - t0:.0f}s, cached in {cache}")
-    return model.to(device), tokenizer
+    return model.to(device, dtype), tokenizer
 
 
 def load_model(name: str, device, dtype: str = "bfloat16", cache: str = "~/.cache/pmd_mean") -> tuple:
@@ -443,7 +443,7 @@ def load_model(name: str, device, dtype: str = "bfloat16", cache: str = "~/.cach
         if not path.is_file():
             raise UsageError(f"--model {name}: no such GGUF file.")
         try:
-            model, tokenizer = load_gguf(path, None, device)
+            model, tokenizer = load_gguf(path, None, device, torch_dtype)
         except Exception as e:  # not a GGUF, or an architecture transformers cannot read from one
             raise UsageError(f"--model {name} is not a GGUF model transformers can load ({first_line(e)}).") from None
     elif path.is_dir():
@@ -479,10 +479,9 @@ def load_model(name: str, device, dtype: str = "bfloat16", cache: str = "~/.cach
             try:
                 import transformers                                        # a cache per version: tokenizer files differ
                 folder = f"{name.replace('/', '--')}-{quant}-transformers{transformers.__version__}"
-                model, tokenizer = load_gguf(gguf, Path(cache).expanduser() / folder, device)
+                model, tokenizer = load_gguf(gguf, Path(cache).expanduser() / folder, device, torch_dtype)
             except Exception as e2:
                 raise UsageError(f"could not load {gguf} ({first_line(e2)}).") from None
-            model = model.to(torch_dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -751,11 +750,12 @@ def train(args) -> int:
     device = pick_device(args.device)
 
     # Every check that can fail on bad input comes before the first file is written.
-    train_set, test_set = load_data(args.data, args.eval_data, args.eval_problems, args.seed, task_of(args))
+    task = task_of(args)
+    train_set, test_set = load_data(args.data, args.eval_data, args.eval_problems, args.seed, task)
     out = Path(args.out)
     check_writable(out)
     if args.model == "tiny" and not resume:
-        model, tokenizer = build_tiny(task_of(args), args.seed, args.warmup_accuracy, args.warmup_steps,
+        model, tokenizer = build_tiny(task, args.seed, args.warmup_accuracy, args.warmup_steps,
                                       args.tiny_cache, args.fresh, device)
         kind = "tiny"
     else:
