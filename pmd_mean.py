@@ -127,6 +127,31 @@ over tokens: the paper's figure tracks it, since a collapsing entropy means a co
      forward pass), so they agree only up to rounding. `pmd_step` measures the gap on every batch
      and stops before any update when it is far beyond rounding (`sampler_gap`, the guard).
 
+9. Beyond the paper: two baselines between PMD-mean and PMD-part
+-----------------------------------------------------------------
+Section 4's derivation holds for any baseline b ≤ τ·log Z_t: the minimiser of (2) is (3) with r − b
+in place of r − r̄, the KL–χ² step (4) with λ = τ·KL(π_t‖π_{t+1}) − (b − r̄) ≥ 0, and λ = 0 exactly at
+b = τ·log Z_t. So b sets the χ² weight, and the two measured failures are its two ends: PMD-mean
+(largest λ) steps timidly at low reward; PMD-part (λ = 0) estimates τ·log Z_t from K samples, and at
+small τ that is the best of the others' rewards: with one success in 8 at τ = 0.1 each failure gets
+A/τ = −8.1 nats (PMD-mean: −1.4), pushing every sampled response down (docs/EXPERIMENTS.md).
+
+    tempered:  b = τ_b·log( (1/n)·Σ_{j∈S_i} e^{r_j/τ_b} ),  τ_b ≥ τ                          (9a)
+
+a power mean of the rewards: τ_b = τ is PMD-part, and it falls to r̄ as τ_b → ∞
+(τ_b·log E e^{r/τ_b} = r̄ + Var(r)/(2τ_b) + ...). At the population level its λ lies between 0 and
+PMD-mean's; from samples it is a log-mean-exp at the milder temperature, which the best sample
+dominates less (the failures above get −4.7 nats at τ_b = 3τ).
+
+    corrected: b = τ·[ log Ẑ + s²/(2n·Ẑ²) ],  Ẑ, s² = mean, unbiased variance of e^{r_j/τ} over S_i  (9b)
+
+By the delta method E[log Ẑ] = log Z − Var(e^{r/τ})/(2n·Z²) + O(n⁻²): the sample log-mean-exp is
+biased low (Jensen) and (9b) removes that term, the textbook repair of PMD-part's finite-sample
+error. It adds between 0 and τ/2 to every baseline, so where leave-one-out already over-estimates a
+failure's baseline (1 success in 7 others, against 1 in 8 under π_t) it makes the push-down larger:
+0.805 → 0.855 for the group above, against τ·log Z_t = 0.792. Measured, not assumed:
+`toy_bandit.py` and docs/EXPERIMENTS.md ("Beyond the paper") compare both with PMD-mean.
+
 The file has two parts. Part I, down to `pmd_step`, is the algorithm. Part II, the appendix behind
 the double ruler, is the engine that makes it fast: the KV cache, the attention and mask handling,
 the compiled decode step, log-prob chunking and version shims, and the answer-parsing rules.
@@ -165,7 +190,12 @@ class PMDConfig:
     """K. Baselines need a group (K ≥ 2); more samples give a less noisy baseline and fewer
     all-equal groups (which carry no signal), at K times the sampling cost."""
     baseline: str = "mean"
-    """"mean" (PMD-mean) or "partition" (PMD-part, τ·log-mean-exp)."""
+    """"mean" (PMD-mean), "partition" (PMD-part, τ·log-mean-exp), or one of section 9's candidates:
+    "tempered" (log-mean-exp at its own temperature `baseline_tau`) or "corrected" (PMD-part with its
+    first-order bias removed)."""
+    baseline_tau: float | None = None
+    """τ_b of the "tempered" baseline, ≥ τ: τ_b = τ is PMD-part, τ_b → ∞ PMD-mean (section 9).
+    None: 3·τ, the value measured in docs/EXPERIMENTS.md. Other baselines ignore it."""
     leave_one_out: bool = True
     """Exclude sample i from its own baseline, as OpenKimi does (b_i independent of r_i)."""
     loss: str = "pmd"
@@ -237,8 +267,15 @@ class PMDConfig:
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be >= 2 (got {self.samples_per_prompt}): "
                              "the baseline needs a group.")
-        if self.baseline not in ("mean", "partition"):
-            raise ValueError(f"baseline must be 'mean' or 'partition' (got {self.baseline!r}).")
+        if self.baseline not in ("mean", "partition", "tempered", "corrected"):
+            raise ValueError(f"baseline must be 'mean', 'partition', 'tempered' or 'corrected' (got {self.baseline!r}).")
+        if self.baseline == "tempered" and self.baseline_tau is None:
+            self.baseline_tau = 3 * self.tau
+        if self.baseline_tau is not None and not self.baseline_tau >= self.tau:
+            raise ValueError(f"baseline_tau must be >= tau = {self.tau} (got {self.baseline_tau}): below τ the "
+                             "baseline overshoots τ·log Z and no normalised policy fits its targets.")
+        if self.baseline == "corrected" and self.samples_per_prompt < 3:
+            raise ValueError("the corrected baseline needs samples_per_prompt >= 3 (a variance over the others).")
         if self.loss not in ("pmd", "grpo", "gspo"):
             raise ValueError(f"loss must be 'pmd', 'grpo' or 'gspo' (got {self.loss!r}).")
         if self.minibatches < 1:
@@ -264,8 +301,8 @@ class PMDConfig:
 
 
 def compute_baseline(rewards: torch.Tensor, tau: float, kind: str = "mean",
-                     leave_one_out: bool = True) -> torch.Tensor:
-    """Baselines b for rewards shaped (P, K); returns (P, K). See section 3 of the docstring."""
+                     leave_one_out: bool = True, baseline_tau: float | None = None) -> torch.Tensor:
+    """Baselines b for rewards shaped (P, K); returns (P, K). See sections 3 and 9 of the docstring."""
     P, K = rewards.shape
     if leave_one_out and K < 2:
         raise ValueError("a leave-one-out baseline needs K >= 2 samples per prompt")
@@ -278,15 +315,30 @@ def compute_baseline(rewards: torch.Tensor, tau: float, kind: str = "mean",
     if leave_one_out:
         others &= ~torch.eye(K, dtype=torch.bool, device=r.device)
     n = K - 1 if leave_one_out else K                                      # |S_i|
+
+    def log_mean_exp(z):                                                   # (P, K, K) → (P, K), over S_i
+        return torch.logsumexp(z.masked_fill(~others, float("-inf")), dim=-1) - math.log(n)
+
     if kind == "mean":
         # b_i = (1/n)·Σ_{j ∈ S_i} r_j                                      (PMD-mean)
         b = (r_rows * others).sum(-1) / n                                  # (P, K)
     elif kind == "partition":
-        # b_i = τ·log( (1/n)·Σ_{j ∈ S_i} e^{r_j/τ} ) = τ·(logsumexp_{j∈S_i}(r_j/τ) − log n)  (PMD-part)
-        z = (r_rows / tau).masked_fill(~others, float("-inf"))             # (P, K, K)
-        b = tau * (torch.logsumexp(z, dim=-1) - math.log(n))               # (P, K)
+        # b_i = τ·log( (1/n)·Σ_{j ∈ S_i} e^{r_j/τ} )                       (PMD-part)
+        b = tau * log_mean_exp(r_rows / tau)                               # (P, K)
+    elif kind == "tempered":
+        # b_i = τ_b·log( (1/n)·Σ_{j ∈ S_i} e^{r_j/τ_b} ),  τ_b = baseline_tau    (eq. 9a)
+        if baseline_tau is None or not baseline_tau > 0:
+            raise ValueError(f"the tempered baseline needs baseline_tau > 0 (got {baseline_tau}).")
+        b = baseline_tau * log_mean_exp(r_rows / baseline_tau)             # (P, K)
+    elif kind == "corrected":
+        # b_i = τ·[ log Ẑ_i + (1/(2(n−1)))·( mean_{S_i}(w²)/Ẑ_i² − 1 ) ],  w = e^{r/τ}, Ẑ_i = mean_{S_i} w   (eq. 9b)
+        if n < 2:
+            raise ValueError("the corrected baseline needs at least 2 samples in each baseline (K >= 3 leave-one-out).")
+        log_z = log_mean_exp(r_rows / tau)                                 # (P, K) log Ẑ_i
+        ratio = torch.exp(log_mean_exp(2 * r_rows / tau) - 2 * log_z)      # (P, K) mean(w²)/Ẑ², in [1, n]
+        b = tau * (log_z + (ratio - 1) / (2 * (n - 1)))                    # (P, K)
     else:
-        raise ValueError(f"unknown baseline kind {kind!r} (use 'mean' or 'partition')")
+        raise ValueError(f"unknown baseline kind {kind!r} (use 'mean', 'partition', 'tempered' or 'corrected')")
     return b.to(rewards.dtype)
 
 
@@ -663,7 +715,8 @@ def compute_advantages(r: torch.Tensor, cfg: PMDConfig) -> tuple[torch.Tensor, t
     """
     P, K = r.shape
     # A = r − b, b ≈ τ·log Z_t (PMD-mean: the group mean; PMD-part: τ·log-mean-exp)
-    adv_pmd = (r - compute_baseline(r, cfg.tau, cfg.baseline, cfg.leave_one_out)).reshape(P * K)  # (B,)
+    b = compute_baseline(r, cfg.tau, cfg.baseline, cfg.leave_one_out, cfg.baseline_tau)  # (P, K)
+    adv_pmd = (r - b).reshape(P * K)                                       # (B,)
     keep = torch.ones(P, dtype=torch.bool, device=r.device)                # (P,)
     if cfg.reward_bounds is not None:
         lb, ub = cfg.reward_bounds

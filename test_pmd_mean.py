@@ -237,6 +237,148 @@ def test_partition_small_tau_binary_is_finite_and_exact():
 
 
 # -----------------------------------------------------------------------------
+# Beyond the paper: the tempered and the corrected baselines (docstring section 9), each against
+# its formula re-derived here in plain Python
+
+
+def naive_tempered(r, tau_b, loo):
+    """τ_b·log((1/n)·Σ_{j∈S_i} e^{r_j/τ_b}): PMD-part's naive formula at temperature τ_b."""
+    return naive_baseline(r, tau_b, "partition", loo)
+
+
+def naive_corrected(r, tau, loo):
+    """τ·(log Ẑ + s²/(2·n·Ẑ²)), w = e^{r/τ}, Ẑ the mean and s² the unbiased variance of w over S_i.
+    Written with e^{(r − max)/τ}, which leaves s²/Ẑ² unchanged and keeps small τ finite."""
+    P, K = r.shape
+    out = np.zeros((P, K))
+    for p in range(P):
+        for i in range(K):
+            x = np.array([float(r[p, j]) for j in range(K) if (j != i or not loo)])
+            n, m = len(x), x.max()
+            w = np.exp((x - m) / tau)                                      # e^{r/τ}·e^{−max/τ}
+            out[p, i] = m + tau * math.log(w.mean()) + tau * w.var(ddof=1) / (2 * n * w.mean() ** 2)
+    return out
+
+
+GROUPS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.9, 0.5, 0.1], [1, 1, 1, 0.0]])
+
+
+@pytest.mark.parametrize("loo", [True, False])
+@pytest.mark.parametrize("tau_b", [0.05, 0.3, 2.0])
+def test_tempered_baseline_matches_its_formula(loo, tau_b):
+    b = pm.compute_baseline(GROUPS, 0.05, "tempered", loo, baseline_tau=tau_b)
+    assert np.allclose(b.numpy(), naive_tempered(GROUPS, tau_b, loo), atol=1e-6)
+
+
+def test_tempered_baseline_limits_are_pmd_part_and_pmd_mean():
+    r = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)).double()
+    for loo in (True, False):
+        part, mean = (pm.compute_baseline(r, 0.1, k, loo) for k in ("partition", "mean"))
+        at_tau = pm.compute_baseline(r, 0.1, "tempered", loo, baseline_tau=0.1)   # τ_b = τ: PMD-part
+        assert torch.allclose(at_tau, part, atol=1e-12)
+        far = pm.compute_baseline(r, 0.1, "tempered", loo, baseline_tau=1e7)      # τ_b → ∞: PMD-mean
+        assert torch.allclose(far, mean, atol=1e-6)
+        # in between, a power mean: it falls from PMD-part to PMD-mean as τ_b grows
+        bs = [pm.compute_baseline(r, 0.1, "tempered", loo, baseline_tau=t) for t in (0.1, 0.2, 0.5, 2.0, 10.0)]
+        for hi, lo in zip(bs, bs[1:]):
+            assert (lo <= hi + 1e-12).all() and (lo >= mean - 1e-12).all()
+
+
+def test_tempered_baseline_small_tau_binary_is_exact():
+    # m successes among the n others: τ_b·log((m·e^{1/τ_b} + n − m)/n) = 1 + τ_b·log(m/n) + τ_b·log1p((n−m)/m·e^{−1/τ_b})
+    r = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)  # float64 in, float64 out
+    tau_b = 0.005                                                           # e^{1/τ_b} = e^200
+    b = pm.compute_baseline(r, 0.005, "tempered", True, baseline_tau=tau_b)
+    n = 7
+    for i, m in ((0, 1), (2, 2)):                                          # a success sees 1 other, a failure 2
+        want = 1 + tau_b * math.log(m / n) + tau_b * math.log1p((n - m) / m * math.exp(-1 / tau_b))
+        assert b[0, i].item() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("loo", [True, False])
+@pytest.mark.parametrize("tau", [0.05, 0.3, 2.0])
+def test_corrected_baseline_matches_its_formula(loo, tau):
+    b = pm.compute_baseline(GROUPS, tau, "corrected", loo)
+    assert np.allclose(b.numpy(), naive_corrected(GROUPS, tau, loo), atol=1e-6)
+
+
+def test_corrected_baseline_small_tau_binary_and_limits():
+    # small τ, m successes among n others: Ẑ = (m·e^{1/τ} + n − m)/n and mean w²/Ẑ² → n/m, so
+    # b → 1 + τ·log(m/n) + τ·(n/m − 1)/(2(n − 1)), exact up to e^{−1/τ}
+    tau, n = 0.005, 7
+    r = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    b = pm.compute_baseline(r, tau, "corrected", True)
+    for i, m in ((0, 1), (2, 2)):
+        want = 1 + tau * math.log(m / n) + tau * (n / m - 1) / (2 * (n - 1))
+        assert b[0, i].item() == pytest.approx(want, abs=1e-12)
+    # a group with one reward has no variance: b = that reward (= PMD-part = PMD-mean)
+    flat = torch.full((1, 8), 0.4)
+    assert torch.allclose(pm.compute_baseline(flat, 0.1, "corrected", True), flat, atol=1e-7)
+    # the correction is ≥ 0 and ≤ τ/2 (mean w²/Ẑ² ∈ [1, n]), and vanishes as τ → ∞ (b → the mean)
+    rr = torch.rand(5, 8, generator=torch.Generator().manual_seed(1)).double()
+    gap = pm.compute_baseline(rr, 0.2, "corrected", True) - pm.compute_baseline(rr, 0.2, "partition", True)
+    assert (gap >= 0).all() and (gap <= 0.1 + 1e-12).all()
+    far = pm.compute_baseline(rr, 1e5, "corrected", True)
+    assert torch.allclose(far, pm.compute_baseline(rr, 1.0, "mean", True), atol=1e-5)
+
+
+def test_corrected_baseline_removes_the_jensen_bias():
+    # The claim behind eq. (9b): over many groups of n = 8 draws, the plain log-mean-exp is biased
+    # low (Jensen) and the corrected one much less. Reference: the population τ·log Z_t.
+    gen = torch.Generator().manual_seed(0)
+    tau, pi, rew = 0.5, torch.tensor(tb.PI_T), torch.tensor(tb.R_GRADED)
+    true = tau * math.log(float(pi @ torch.exp(rew / tau)))
+    r = rew[torch.multinomial(pi.expand(40000, -1), 8, replacement=True, generator=gen)]  # (40000, 8)
+    plain = pm.compute_baseline(r, tau, "partition", False)[:, 0].mean().item() - true
+    fixed = pm.compute_baseline(r, tau, "corrected", False)[:, 0].mean().item() - true
+    assert plain < -0.01 and abs(fixed) < abs(plain) / 3
+
+
+def test_candidate_baselines_in_the_config_and_the_advantages():
+    cfg = pm.PMDConfig(tau=0.1, baseline="tempered")
+    assert cfg.baseline_tau == pytest.approx(0.3)                         # default 3·τ
+    r = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]])
+    adv, _, _ = pm.compute_advantages(r, dataclasses.replace(cfg, baseline_tau=1.0))
+    want = r.numpy()[0] - naive_tempered(r, 1.0, True)[0]
+    assert np.allclose(adv.numpy(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="baseline_tau must be >= tau"):
+        pm.PMDConfig(tau=0.1, baseline="tempered", baseline_tau=0.05)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 3"):
+        pm.PMDConfig(baseline="corrected", samples_per_prompt=2)
+    assert tm.ALGOS["pmd-tempered"] == ("tempered", "pmd") and tm.ALGOS["pmd-corrected"] == ("corrected", "pmd")
+
+
+def test_bad_baseline_tau_is_one_sentence_and_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "train_math.py", "--algo", "pmd-tempered", "--tau", "0.1",
+                          "--baseline-tau", "0.05", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "baseline_tau must be >= tau" in res.stderr and not (tmp_path / "x").exists()
+
+
+def test_any_baseline_below_log_z_gives_the_kl_chi2_step_on_the_bandit():
+    # Section 9's population claim: the regression (2) with a fixed baseline b ≤ τ·log Z_t has the
+    # Lambert-W solution with r − b in place of r − r̄, which is the KL–χ² step at its λ, with
+    # λ = τ·KL(π_t‖π_{t+1}) − (b − r̄) (take E_{π_t} of τ·log u + λ·u = r − b). Limits: b = r̄ is
+    # PMD-mean, b = τ·log Z_t exact PMD.
+    tau, pi, r = 0.1, tb.PI_T, tb.R_BINARY
+    mean_b, part_b = tb.population_baseline(pi, r, tau, "mean"), tb.population_baseline(pi, r, tau, "partition")
+    assert part_b == pytest.approx(tau * math.log(pi @ np.exp(r / tau)))
+    for tau_b in (0.1, 0.2, 0.3, 1.0, 1e6):
+        b = tb.population_baseline(pi, r, tau, "tempered", tau_b)
+        assert mean_b - 1e-9 <= b <= part_b + 1e-12
+        new, lam = tb.pmd_mean_population_update(pi, r, tau, b)
+        assert new.sum() == pytest.approx(1.0, abs=1e-12)
+        assert lam == pytest.approx(tau * tb.kl(pi, new) - (b - mean_b), abs=1e-9)
+        assert np.abs(new - tb.kl_chi2_update(pi, r, tau, lam)).max() < 1e-9
+    at_tau = tb.pmd_mean_population_update(pi, r, tau, tb.population_baseline(pi, r, tau, "tempered", tau))[0]
+    assert np.abs(at_tau - tb.pmd_exact_update(pi, r, tau)).max() < 1e-9
+    far = tb.pmd_mean_population_update(pi, r, tau, tb.population_baseline(pi, r, tau, "tempered", 1e6))[0]
+    assert np.abs(far - tb.pmd_mean_population_update(pi, r, tau)[0]).max() < 1e-5
+
+
+# -----------------------------------------------------------------------------
 # Log-probs
 
 
@@ -1656,6 +1798,15 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
     assert below == {"lr=0.0001": "0/3", "lr=0.0003": "0/2", "lr=0.001": "1/1"}
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tm.main(["--compare", str(tmp_path / "a0"), str(tmp_path / "nothing")]) == 2  # not a run: one sentence
+    # paired by seed against the first setting given (lr=0.0001): lr=0.0003 ran seeds 0 and 1
+    p = tm.paired(groups["lr=0.0003"], groups["lr=0.0001"])
+    d = [0.5 - accs[0][2], 0.5 - accs[1][2]]                               # end accuracy differences by hand
+    assert p["end accuracy"][:2] == pytest.approx((sum(d) / 2, abs(d[0] - d[1]) / 2))  # s.e. of 2 = |d0 − d1|/2
+    assert p["end accuracy"][2:] == (1, 2)                                 # higher in one pair of two
+    peak = [0.5 - max(accs[0]), 0.5 - max(accs[1])]
+    assert p["peak accuracy"][0] == pytest.approx(sum(peak) / 2)
+    assert p["mean KL"][0] == pytest.approx(0.0)                           # same seed, same KL in fake_run
+    assert "| lr=0.0003 | 2 | 10.0 ± 10.0 | 1/2 |" in out                  # d = (0, 0.2)
 
 
 def test_compare_reads_a_run_from_before_pad_as_unpadded(tmp_path):

@@ -199,12 +199,21 @@ def pmd_exact_update(pi, r, tau: float):
     return back(np.exp(logits - log_z))
 
 
-def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
-    """log u = log(π_{t+1}/π_t) of (W), and λ. Works in log space so small τ never overflows."""
-    # d = (r − r̄)/τ,  r̄ = E_{π_t}[r]
-    d = (r - p @ r) / tau                                                  # (N,)
-    if np.max(np.abs(d)) < 1e-13:  # all rewards equal under π_t: nothing to learn, u = 1, λ = 0
+def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float, b: float | None = None) -> tuple[np.ndarray, float]:
+    """log u = log(π_{t+1}/π_t) of (W), and λ. Works in log space so small τ never overflows.
+
+    b is the baseline, r̄ = E_{π_t}[r] by default (PMD-mean). Any b ≤ τ·log Z_t gives the same
+    Lambert-W form with r − b in place of r − r̄ (section 7); b = τ·log Z_t gives λ = 0, exact PMD."""
+    b = p @ r if b is None else b
+    # d = (r − b)/τ
+    d = (r - b) / tau                                                      # (N,)
+    if np.max(r) - np.min(r) < 1e-13:  # all rewards equal: nothing to learn, u = 1, λ = 0
         return np.zeros_like(p), 0.0
+    # Σ π_t·e^d = e^{(τ·log Z_t − b)/τ}: at or below 1 the baseline is τ·log Z_t (or above it, which
+    # no normalised u fits with λ ≥ 0), and the step is exact PMD's
+    with np.errstate(divide="ignore"):                                     # an arm with π_t = 0 stays at 0
+        if _log_sum_exp(np.log(p) + d) <= 1e-12:
+            return d - _log_sum_exp(np.log(p) + d), 0.0                    # log u of exact PMD (λ = 0)
 
     def log_u_at(a):
         # a = log(λ/τ):  log u = log W(e^{a + d}) − a           (from (W): u = (τ/λ)·W((λ/τ)·e^d))
@@ -216,7 +225,7 @@ def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float) -> tuple[np.ndarra
         m = lu.max()
         return m + np.log(p @ np.exp(lu - m))
 
-    # As λ → 0, u → e^d and Σ π_t·e^d ≥ e^{E d} = 1 (Jensen); as λ → ∞, u → 0. Bracket, then bisect.
+    # As λ → 0, u → e^d and Σ π_t·e^d > 1 (checked above; Jensen for b = r̄); as λ → ∞, u → 0.
     lo, hi = -40.0, 10.0
     while log_mass(lo) < 0:
         lo -= 40.0
@@ -234,12 +243,27 @@ def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float) -> tuple[np.ndarra
     return log_u_at(a), tau * math.exp(a)
 
 
-def pmd_mean_population_update(pi, r, tau: float):
-    """PMD-mean's population step (W). Returns (π_{t+1}, λ); λ = τ·KL(π_t‖π_{t+1})."""
+def _log_sum_exp(x: np.ndarray) -> float:
+    m = x.max()
+    return float(m + np.log(np.sum(np.exp(x - m))))
+
+
+def pmd_mean_population_update(pi, r, tau: float, b: float | None = None):
+    """PMD-mean's population step (W), or with baseline b the same regression's. Returns (π_{t+1}, λ);
+    for b = r̄, λ = τ·KL(π_t‖π_{t+1})."""
     p, back = _as_numpy(pi)
     rn, _ = _as_numpy(r)
-    log_u, lam = _pmd_mean_log_u(p, rn, tau)
+    log_u, lam = _pmd_mean_log_u(p, rn, tau, b)
     return back(p * np.exp(log_u)), lam
+
+
+def population_baseline(pi: np.ndarray, r: np.ndarray, tau: float, kind: str,
+                        baseline_tau: float | None = None) -> float:
+    """The K → ∞ limit of pmd_mean.compute_baseline: r̄ (mean), τ·log Z_t (partition, and corrected,
+    whose correction is O(1/K)), τ_b·log E_{π_t}[e^{r/τ_b}] (tempered)."""
+    t = {"mean": None, "partition": tau, "corrected": tau, "tempered": baseline_tau}[kind]
+    with np.errstate(divide="ignore"):
+        return float(pi @ r) if t is None else t * _log_sum_exp(np.log(pi) + r / t)
 
 
 def kl_chi2_update(pi, r, tau: float, lam: float):
@@ -336,7 +360,7 @@ def fit_exact_expectation(pi: np.ndarray, r: np.ndarray, tau: float, kind: str,
 
 
 def fit_sampled(pi: np.ndarray, r: np.ndarray, tau: float, kind: str, K: int, gen: torch.Generator,
-                leave_one_out: bool = False, steps: int = 500):
+                leave_one_out: bool = False, steps: int = 500, baseline_tau: float | None = None):
     """One PMD iteration from K samples, for S seeds at once (each seed is one "prompt").
 
     The LLM recipe on a tiny policy: sample K responses from π_t, baseline them with
@@ -348,7 +372,7 @@ def fit_sampled(pi: np.ndarray, r: np.ndarray, tau: float, kind: str, K: int, ge
     rr = torch.tensor(r, dtype=torch.float64)                              # (N,)
     idx = torch.multinomial(pi_t, K, replacement=True, generator=gen)      # (S, K) sampled arms
     rewards = rr[idx]                                                      # (S, K)
-    b = pmd_mean.compute_baseline(rewards, tau, kind, leave_one_out)       # (S, K)
+    b = pmd_mean.compute_baseline(rewards, tau, kind, leave_one_out, baseline_tau)  # (S, K)
     # A = r − b; the loss asks each sampled response's log-ratio Δ to equal A/τ
     adv = (rewards - b).reshape(-1)                                        # (B,) = (S·K,)
     logp_old = pi_t.log().gather(1, idx).reshape(-1)                       # (B,)
@@ -564,15 +588,102 @@ def section_curves(seeds: int, seed: int, K: int = 8):
 
 
 # -----------------------------------------------------------------------------
+# Section 7: beyond the paper, the two candidate baselines of pmd_mean.py (its docstring, section 9)
+
+CANDIDATES = (("PMD-mean", "mean", None), ("PMD-part", "partition", None), ("tempered 3τ", "tempered", 3 * TAU_SAMPLED),
+              ("tempered 10τ", "tempered", 10 * TAU_SAMPLED), ("corrected", "corrected", None))  # (name, kind, τ_b)
+STEP_PS = (0.01, 0.1, 0.5)                                 # success probabilities of the one-step table
+
+
+def binary_arms(p: float) -> np.ndarray:
+    """π_t on R_BINARY's six arms with success mass p: the two successes 3:7, the failures as in PI_T."""
+    fail = PI_T[2:] / PI_T[2:].sum()
+    return np.concatenate([p * np.array([0.3, 0.7]), (1 - p) * fail])     # (N,)
+
+
+def section_beyond(seeds: int, seed: int):
+    tau, Ks = TAU_SAMPLED, (8, 16)
+    gen = torch.Generator().manual_seed(seed + 2)
+    print(f"== 7. Beyond the paper: the tempered (9a) and corrected (9b) baselines, τ = {tau}, leave-one-out ==")
+    print("   population: b → its K → ∞ value, step (W) with r − b (= exact PMD for PMD-part and corrected);")
+    print(f"   sampled: K responses per iteration, {seeds} seeds, mean ± sd. Binary rewards, success mass p:")
+    w = [13, 8] + [18] * len(STEP_PS)
+    print(_row(["baseline", "", *[f"p′ at p = {p:g}" for p in STEP_PS]], w))
+    steps = {}                                                             # (name, K or "pop") → [p′ per p]
+    for name, kind, tb in CANDIDATES:
+        pop = []
+        for p in STEP_PS:
+            pi = binary_arms(p)
+            b = population_baseline(pi, R_BINARY, tau, kind, tb)
+            pop.append(pmd_mean_population_update(pi, R_BINARY, tau, b)[0][:2].sum())
+        steps[(name, "pop")] = pop
+        print(_row([name, "pop.", *[f"{x:.4f}" for x in pop]], w))
+        for K in Ks:
+            cells = []
+            for p in STEP_PS:
+                fit, _, _ = fit_sampled(np.tile(binary_arms(p), (seeds, 1)), R_BINARY, tau, kind, K, gen, True,
+                                        FIT_STEPS_SAMPLED, tb)
+                ps = fit[:, :2].sum(1)                                     # (S,) p′ of each seed
+                cells.append(ps)
+            steps[(name, K)] = [c.mean() for c in cells]
+            print(_row(["", f"K={K}", *[f"{c.mean():.3f} ± {c.std():.3f}" for c in cells]], w))
+    print(f"   exact PMD at p = {', '.join(f'{p:g}' for p in STEP_PS)}: "
+          + ", ".join(f"{pmd_exact_update(binary_arms(p), R_BINARY, tau)[:2].sum():.4f}" for p in STEP_PS) + "\n")
+
+    print("   Graded bandit: target −b/τ of sample 0 (its own reward excluded), against the baseline's own")
+    print("   population value; and Σ_i A_i/τ, the group's summed target log-ratio (< 0: sampled responses")
+    print(f"   pushed down on the whole; exact PMD's population value is K·(r̄ − τ·log Z_t)/τ)")
+    w = [13, 4, 17, 11, 8, 11, 17]
+    print(_row(["baseline", "K", "−b/τ mean ± sd", "population", "bias", "rel. RMSE", "Σ A/τ mean ± sd"], w))
+    log_z = population_baseline(PI_T, R_GRADED, tau, "partition")
+    for name, kind, tb in CANDIDATES:
+        t0 = -population_baseline(PI_T, R_GRADED, tau, kind, tb) / tau
+        for K in Ks:
+            _, b, idx = fit_sampled(np.tile(PI_T, (seeds, 1)), R_GRADED, tau, kind, K, gen, True, 0, tb)
+            t = -b[:, 0] / tau                                             # (S,)
+            push = ((R_GRADED[idx] - b) / tau).sum(1)                     # (S,) Σ_i A_i/τ
+            rel = math.sqrt(np.mean((t - t0) ** 2)) / abs(t0)
+            print(_row([name, K, f"{t.mean():.2f} ± {t.std():.2f}", f"{t0:.2f}", f"{t.mean() - t0:+.2f}",
+                        f"{rel:.2f}", f"{push.mean():.1f} ± {push.std():.1f}"], w))
+    print(f"   (exact PMD: Σ A/τ = {8 * (PI_T @ R_GRADED - log_z) / tau:.1f} at K = 8, "
+          f"{16 * (PI_T @ R_GRADED - log_z) / tau:.1f} at K = 16)\n")
+
+    print(f"   Graded bandit: E_π[r] after {CURVE_ITERS} iterations from π_t (E = {PI_T @ R_GRADED:.3f}), mean ± s.e.")
+    w = [13] + [18] * len(Ks)
+    print(_row(["baseline", *[f"K = {K}" for K in Ks]], w))
+    finals = {}
+    for name, kind, tb in CANDIDATES:
+        cells = []
+        for K in Ks:
+            pis = np.tile(PI_T, (seeds, 1))                                # (S, N)
+            for _ in range(CURVE_ITERS):
+                pis, _, _ = fit_sampled(np.maximum(pis, 1e-300), R_GRADED, tau, kind, K, gen, True,
+                                        FIT_STEPS_SAMPLED, tb)
+            er = pis @ R_GRADED                                            # (S,)
+            finals[(name, K)] = er
+            cells.append(f"{er.mean():.3f} ± {er.std(ddof=1) / math.sqrt(len(er)):.3f}")
+        print(_row([name, *cells], w))
+    print(f"   exact PMD (population): {_iterate_exact(CURVE_ITERS, tau):.3f}\n")
+    return steps, finals
+
+
+def _iterate_exact(n: int, tau: float) -> float:
+    p = PI_T.copy()
+    for _ in range(n):
+        p = pmd_exact_update(p, R_GRADED, tau)
+    return float(p @ R_GRADED)
+
+
+# -----------------------------------------------------------------------------
 # Figure (matplotlib imported only here)
 
 
-def make_figure(grid, binary_curves, curves, path):
+def make_figure(grid, binary_curves, curves, steps, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.8))
     colors = {1.0: "tab:blue", 0.1: "tab:orange", 0.01: "tab:green"}
     for tau, c in binary_curves.items():                                   # c: (80, 3) = p′ exact, p′ mean, λ
         ax[0].plot(grid, c[:, 0], color=colors[tau], label=f"exact PMD, τ = {tau:g}")
@@ -599,6 +710,25 @@ def make_figure(grid, binary_curves, curves, path):
     ax[2].set(xlabel="PMD iteration", ylabel=r"$E_\pi[r]$", ylim=(0, 1.02),
               title=f"Learning curves, graded bandit, τ = {TAU_SAMPLED:g}")
     ax[2].legend(fontsize=8, loc="lower right")
+    # panel 4: the tempered family's one step (population lines) and every candidate from K = 16 samples
+    tau = TAU_SAMPLED
+    fam = ((tau, "τ_b = τ (PMD-part, exact PMD)", "k"), (3 * tau, "τ_b = 3τ", "tab:purple"),
+           (10 * tau, "τ_b = 10τ", "tab:blue"), (None, "τ_b → ∞ (PMD-mean)", "tab:red"))
+    for tb, label, col in fam:
+        ys = []
+        for p in grid:
+            pi = binary_arms(p)
+            b = population_baseline(pi, R_BINARY, tau, "mean" if tb is None else "tempered", tb)
+            ys.append(pmd_mean_population_update(pi, R_BINARY, tau, b)[0][:2].sum())
+        ax[3].plot(grid, ys, color=col, label=f"population, {label}")
+    marks = {"PMD-mean": ("tab:red", "o"), "PMD-part": ("k", "s"), "tempered 3τ": ("tab:purple", "^"),
+             "tempered 10τ": ("tab:blue", "v"), "corrected": ("tab:green", "D")}
+    for name, (col, m) in marks.items():
+        ax[3].plot(STEP_PS, steps[(name, 16)], color=col, marker=m, ls="none", ms=6, label=f"{name}, K = 16 samples")
+    ax[3].plot(grid, grid, color="gray", ls=":", lw=1)
+    ax[3].set(xscale="log", xlabel=r"success probability $p$ under $\pi_t$", ylabel=r"$p'$ under $\pi_{t+1}$",
+              ylim=(-0.02, 1.02), title=f"Beyond the paper: baselines between, τ = {tau:g}")
+    ax[3].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -634,9 +764,10 @@ def main(argv=None) -> int:
     grid, binary_curves = section_binary()
     section_real_loss(args.seeds, args.seed)
     curves = section_curves(args.seeds, args.seed)
+    steps, _ = section_beyond(args.seeds, args.seed)
     if not args.no_plot:
         path = os.path.join(args.out, "toy_bandit.png")
-        make_figure(grid, binary_curves, curves, path)
+        make_figure(grid, binary_curves, curves, steps, path)
         print(f"figure: {path}")
     print(f"done in {time.time() - t0:.1f} s")
     return 0

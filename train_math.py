@@ -74,6 +74,8 @@ SHORT_NAMES = {
 ALGOS = {  # --algo → (baseline, loss)
     "pmd-mean": ("mean", "pmd"),
     "pmd-part": ("partition", "pmd"),
+    "pmd-tempered": ("tempered", "pmd"),
+    "pmd-corrected": ("corrected", "pmd"),
     "grpo": ("mean", "grpo"),
     "gspo": ("mean", "gspo"),
 }
@@ -586,8 +588,10 @@ def parse_args(argv=None):
                    help="where the tiny model and models converted from a GGUF file are cached")
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny model")
     # the algorithm
-    p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | grpo | gspo")
+    p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | pmd-tempered | pmd-corrected | grpo | gspo")
     p.add_argument("--tau", type=float, default=None, help="τ (default: PMDConfig.tau)")
+    p.add_argument("--baseline-tau", type=float, default=None,
+                   help="τ_b of pmd-tempered's baseline, ≥ τ (default 3·τ)")
     p.add_argument("--samples-per-prompt", "-k", type=int, default=8, help="K samples per prompt")
     p.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step")
     p.add_argument("--updates", type=int, default=1, help="passes over each rollout batch")
@@ -666,7 +670,7 @@ def make_config(args) -> PMDConfig:
     """The PMDConfig the flags describe; the script's defaults where a flag is not given."""
     baseline, loss = ALGOS[args.algo]
     given = {"lr": args.lr, "max_new_tokens": args.max_new_tokens, "tau": args.tau,
-             "micro_batch_size": args.micro_batch}
+             "micro_batch_size": args.micro_batch, "baseline_tau": args.baseline_tau}
     kw = {**model_defaults(args.model, args.terms), **{k: v for k, v in given.items() if v is not None}}
     return config(baseline=baseline, loss=loss, leave_one_out=not args.no_leave_one_out,
                   samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
@@ -969,6 +973,43 @@ def fmt_mse(m: float, e: float, pct: bool = True) -> str:
     return f"{f(m)} ± {f(e)}" if e == e else f(m)                         # e != e: one seed, no s.e.
 
 
+def paired(runs: list[dict], ref: list[dict]) -> dict:
+    """Each setting minus the reference, seed by seed: {column: (mean, s.e., wins, pairs)} over the
+    seeds both ran. A warm start is a function of the seed, so a pair starts from the same model and
+    the difference has none of the spread between warm starts."""
+    per_seed = lambda rs: {r["args"]["seed"]: r for r in rs}
+    a, b = per_seed(runs), per_seed(ref)
+    seeds = sorted(set(a) & set(b))
+    cols = {"end accuracy": lambda r: r["evals"][-1]["accuracy"],
+            "peak accuracy": lambda r: max(e["accuracy"] for e in r["evals"]),
+            "mean KL": lambda r: float(np.mean([m["kl"] for m in r["metrics"]])),
+            "entropy end": lambda r: float(np.mean([m["entropy"] for m in r["metrics"][-10:]]))}
+    out = {}
+    for name, f in cols.items():
+        d = [f(a[s]) - f(b[s]) for s in seeds]
+        out[name] = (*mean_se(d), sum(x > 0 for x in d), len(d)) if d else None
+    return out
+
+
+def paired_table(groups: dict) -> None:
+    """Print `paired` for every setting against the first one given, where they share seeds."""
+    labels = list(groups)
+    ref = labels[0]
+    rows = [(lab, paired(groups[lab], groups[ref])) for lab in labels[1:]]
+    rows = [(lab, p) for lab, p in rows if p["end accuracy"] is not None]
+    if not rows:
+        return
+    print(f"\nPaired by seed against {ref}: the setting's value minus the reference's, mean ± s.e. over the "
+          "seeds both ran (accuracy in points); \"higher in\" counts the pairs where the setting is higher:\n")
+    print("| setting | pairs | end accuracy | higher in | peak accuracy | higher in | mean KL | entropy end |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for lab, p in rows:
+        n = p["end accuracy"][3]
+        print(f"| {lab} | {n} | {fmt_mse(*p['end accuracy'][:2])} | {p['end accuracy'][2]}/{n} | "
+              f"{fmt_mse(*p['peak accuracy'][:2])} | {p['peak accuracy'][2]}/{n} | "
+              f"{fmt_mse(*p['mean KL'][:2], pct=False)} | {fmt_mse(*p['entropy end'][:2], pct=False)} |")
+
+
 def compare(run_dirs: list[str], out_png: str) -> int:
     """Tabulate finished runs grouped by setting (mean ± s.e. over seeds) and plot the paper's panels."""
     import matplotlib
@@ -1004,6 +1045,8 @@ def compare(run_dirs: list[str], out_png: str) -> int:
         below = sum(r["evals"][-1]["accuracy"] < r["evals"][0]["accuracy"] for r in groups[label])  # seeds
         print(f"| {label} | " + " | ".join(cells) + f" | {end('reward')} | {end('entropy')} | "
               f"{end('response_length')} | {fmt_mse(*kl, pct=False)} | {below}/{len(groups[label])} | {sec:.0f} |")
+
+    paired_table(groups)
 
     fig, ax = plt.subplots(3, 3, figsize=(15, 10))
     for axis, (name, title) in zip(ax.flat, PANELS):
