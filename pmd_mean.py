@@ -141,7 +141,7 @@ A/τ = −8.1 nats (PMD-mean: −1.4), pushing every sampled response down (docs
 a power mean of the rewards: τ_b = τ is PMD-part, and it falls to r̄ as τ_b → ∞
 (τ_b·log E e^{r/τ_b} = r̄ + Var(r)/(2τ_b) + ...). At the population level its λ lies between 0 and
 PMD-mean's; from samples it is a log-mean-exp at the milder temperature, which the best sample
-dominates less (the failures above get −4.7 nats at τ_b = 3τ).
+dominates less (the failures above get −4.7 nats at τ_b = 3τ, −2.2 at τ_b = 10τ).
 
     corrected: b = τ·[ log Ẑ + s²/(2n·Ẑ²) ],  Ẑ, s² = mean, unbiased variance of e^{r_j/τ} over S_i  (9b)
 
@@ -195,7 +195,8 @@ class PMDConfig:
     first-order bias removed)."""
     baseline_tau: float | None = None
     """τ_b of the "tempered" baseline, ≥ τ: τ_b = τ is PMD-part, τ_b → ∞ PMD-mean (section 9).
-    None: 3·τ, the value measured in docs/EXPERIMENTS.md. Other baselines ignore it."""
+    None: 10·τ, the better of the two values measured (3·τ and 10·τ, docs/EXPERIMENTS.md "Beyond the
+    paper"; neither beat PMD-mean). Other baselines ignore it."""
     leave_one_out: bool = True
     """Exclude sample i from its own baseline, as OpenKimi does (b_i independent of r_i)."""
     loss: str = "pmd"
@@ -270,7 +271,7 @@ class PMDConfig:
         if self.baseline not in ("mean", "partition", "tempered", "corrected"):
             raise ValueError(f"baseline must be 'mean', 'partition', 'tempered' or 'corrected' (got {self.baseline!r}).")
         if self.baseline == "tempered" and self.baseline_tau is None:
-            self.baseline_tau = 3 * self.tau
+            self.baseline_tau = 10 * self.tau
         if self.baseline_tau is not None and not self.baseline_tau >= self.tau:
             raise ValueError(f"baseline_tau must be >= tau = {self.tau} (got {self.baseline_tau}): below τ the "
                              "baseline overshoots τ·log Z and no normalised policy fits its targets.")

@@ -336,7 +336,7 @@ def test_corrected_baseline_removes_the_jensen_bias():
 
 def test_candidate_baselines_in_the_config_and_the_advantages():
     cfg = pm.PMDConfig(tau=0.1, baseline="tempered")
-    assert cfg.baseline_tau == pytest.approx(0.3)                         # default 3·τ
+    assert cfg.baseline_tau == pytest.approx(1.0)                         # default 10·τ
     r = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]])
     adv, _, _ = pm.compute_advantages(r, dataclasses.replace(cfg, baseline_tau=1.0))
     want = r.numpy()[0] - naive_tempered(r, 1.0, True)[0]

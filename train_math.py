@@ -591,7 +591,7 @@ def parse_args(argv=None):
     p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part | pmd-tempered | pmd-corrected | grpo | gspo")
     p.add_argument("--tau", type=float, default=None, help="τ (default: PMDConfig.tau)")
     p.add_argument("--baseline-tau", type=float, default=None,
-                   help="τ_b of pmd-tempered's baseline, ≥ τ (default 3·τ)")
+                   help="τ_b of pmd-tempered's baseline, ≥ τ (default 10·τ)")
     p.add_argument("--samples-per-prompt", "-k", type=int, default=8, help="K samples per prompt")
     p.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step")
     p.add_argument("--updates", type=int, default=1, help="passes over each rollout batch")
