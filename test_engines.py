@@ -3,8 +3,9 @@ test_engines.py: pmd_mean.py against the engines it scales out on, and against O
 
     python -m pytest -q test_engines.py        # CPU, under a minute; TRL tests skip without TRL
 
-1. OpenKimi (the paper's verl code, `../shared/reference/openkimi/core_algos.py`, loaded with stub
-   verl modules; skipped when absent; needs no TRL): its `ploo` advantage and `opmd` loss against
+1. OpenKimi (the paper's verl code: set PMD_OPENKIMI to the folder holding its `core_algos.py`, from
+   the public OpenKimi repository; loaded with stub verl modules; skipped without it; needs no
+   TRL): its `ploo` advantage and `opmd` loss against
    `compute_baseline` / `pmd_loss` on random groups, and the one case where they disagree
    (τ = 0.01, one success in eight) against the exact value worked out by hand.
 2. TRL (`pmd_trl.PMDMeanTrainer`; skipped without TRL): on the same rollouts, from our sampler, the
@@ -34,10 +35,10 @@ import pytest
 import torch
 
 from pmd_mean import PMDConfig, compute_baseline, pmd_loss, pmd_step, sample_rollouts
-from train_math import byte_tokenizer, tiny_model
+from models import byte_tokenizer, tiny_model
 
 HERE = Path(__file__).resolve().parent
-OPENKIMI = HERE.parent / "shared" / "reference" / "openkimi"
+OPENKIMI = Path(os.environ.get("PMD_OPENKIMI", "/nonexistent"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -52,7 +53,7 @@ def openkimi():
     decorators, the config classes empty classes."""
     path = OPENKIMI / "core_algos.py"
     if not path.is_file():
-        pytest.skip(f"{OPENKIMI} is absent (OpenKimi reference code)")
+        pytest.skip("set PMD_OPENKIMI to the folder holding OpenKimi's core_algos.py")
     register = lambda name: (lambda fn: fn)                               # @register_adv_est("ploo") → fn
     stubs = {"verl": {}, "verl.trainer": {}, "verl.trainer.ppo": {},
              "verl.trainer.ppo.core_algos": {"register_adv_est": register, "register_policy_loss": register},
@@ -193,7 +194,7 @@ def ragged(rollouts, tokenizer):
         completions=tokenizer.batch_decode([r[:n].tolist() for r, n in zip(response, lengths)], skip_special_tokens=True))
 
 
-def _trainer_and_rollouts(tmp_path, baseline: str, tau: float = 0.5):
+def _trainer_and_rollouts(tmp_path, baseline: str, tau: float = 0.5, loss_norm: str = "token"):
     """(trainer, its model, a deep copy for pmd_step, rollouts, rewards, cfg, TRL inputs).
 
     The rollouts come from our sampler; the trainer's `_generate` is replaced by one that returns
@@ -211,7 +212,7 @@ def _trainer_and_rollouts(tmp_path, baseline: str, tau: float = 0.5):
     model = tiny_model(len(tokenizer), layers=2, width=64, seed=0)
     prompts = ["1+2=", "12+34=", "7+45="]                                  # 4, 6 and 5 tokens
     cfg = PMDConfig(samples_per_prompt=K, max_new_tokens=8, tau=tau, baseline=baseline, updates_per_batch=1, minibatches=1,
-                    grad_clip=1e9, measure_kl=False, micro_batch_size=64)   # no clipping: plain gradients
+                    grad_clip=1e9, measure_kl=False, micro_batch_size=64, loss_norm=loss_norm)  # no clipping
     torch.manual_seed(0)
     rollouts = ragged(sample_rollouts(model, tokenizer, prompts, K, cfg), tokenizer)
     rewards = torch.rand(B, generator=torch.Generator().manual_seed(1)).tolist()  # B rewards in [0, 1)
@@ -222,7 +223,7 @@ def _trainer_and_rollouts(tmp_path, baseline: str, tau: float = 0.5):
         return rewards
 
     args = pmd_trl.PMDTrainerConfig(
-        output_dir=str(tmp_path / "trl"), tau=tau, baseline=baseline, num_generations=K,
+        output_dir=str(tmp_path / "trl"), tau=tau, baseline=baseline, loss_norm=loss_norm, num_generations=K,
         per_device_train_batch_size=B, max_completion_length=cfg.max_new_tokens, use_cpu=True,
         bf16=False,                                                        # TRL's default is bf16 autocast, even on CPU
         report_to="none", save_strategy="no", seed=0)
@@ -251,10 +252,12 @@ def _grad_gap(a, b) -> tuple[float, float]:
     return gap, max(float(q.grad.abs().max()) for q in b.parameters())
 
 
-@pytest.mark.parametrize("baseline", ["mean", "partition"])
-def test_trl_first_step_equals_pmd_step(tmp_path, baseline):
-    """First step on fresh rollouts (Δ = 0): advantages, loss and gradients equal pmd_step's."""
-    trainer, model, model_ref, rollouts, rewards, cfg, inputs = _trainer_and_rollouts(tmp_path, baseline)
+@pytest.mark.parametrize("baseline,loss_norm", [("mean", "token"), ("partition", "token"), ("mean", "sequence")])
+def test_trl_first_step_equals_pmd_step(tmp_path, baseline, loss_norm):
+    """First step on fresh rollouts (Δ = 0): advantages, loss and gradients equal pmd_step's, with
+    either loss normalisation."""
+    trainer, model, model_ref, rollouts, rewards, cfg, inputs = _trainer_and_rollouts(tmp_path, baseline,
+                                                                                      loss_norm=loss_norm)
     r = [rewards[i:i + 4] for i in range(0, 12, 4)]
     # advantages, computed here without compute_baseline (leave-one-out, float64 by hand)
     tau = cfg.tau
@@ -332,11 +335,27 @@ def test_pmd_trl_script_two_steps(tmp_path):
     assert summary["steps"] == 2 and 0 <= summary["accuracy_after"] <= 1
 
 
-def test_pmd_trl_bad_input_is_one_sentence():
+@pytest.mark.parametrize("argv,needle", [(["--algo", "grpo"], "unknown --algo"), (["--lr", "inf"], "lr must be"),
+                                         (["--loss-norm", "batch"], "loss_norm must be"),
+                                         (["--dtype", "float16"], "float16 is not supported")])
+def test_pmd_trl_bad_input_is_one_sentence(argv, needle, tmp_path):
     pytest.importorskip("trl")
-    res = subprocess.run([sys.executable, str(HERE / "pmd_trl.py"), "--algo", "grpo"], env=ENV,
+    res = subprocess.run([sys.executable, str(HERE / "pmd_trl.py"), *argv, "--out", str(tmp_path / "o")], env=ENV,
                          capture_output=True, text=True, timeout=120, cwd=HERE)
-    assert res.returncode == 2 and res.stderr.startswith("error: unknown --algo") and res.stderr.count("\n") == 1
+    assert res.returncode == 2 and res.stderr.startswith("error:") and needle in res.stderr, res.stderr[-2000:]
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_pmd_trl_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("trl")
+    import pmd_trl
+
+    monkeypatch.setattr(pmd_trl, "pmd_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    out = tmp_path / "run"
+    assert pmd_trl.main(["--model", "tiny", "--no-warm-start", "--device", "cpu", "--max-steps", "2",
+                         "--prompts-per-step", "2", "-k", "2", "--eval-problems", "4", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 1" in err and not (out / "final").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """
 toy_bandit.py: PMD-mean's implicit KL–χ² regulariser, seen exactly on a bandit and with the real loss.
 
-    python toy_bandit.py                       # tables on stdout + toy_bandit.png here (~35 s, CPU)
+    python toy_bandit.py                       # tables on stdout + toy_bandit.png, chi2_cap.png here (~45 s, CPU)
     python toy_bandit.py --out /tmp --no-plot  # tables only
 
 One prompt, N arms (think: N possible responses), reward r(y) ∈ [0, 1], current policy π_t. Sampling
 and sequence log-probs, the expensive parts of an LLM, are array lookups here, so the update that the
 paper (arXiv 2602.05933) analyses can be computed exactly and set against what `pmd_mean.pmd_loss`, the
 loss the LLM trainer uses, actually does.
+
+Equation numbers are pmd_mean.py's: (1) exact PMD, (2) the regression, (3) PMD-mean's Lambert-W step
+with (3a) its stationarity condition and (3b) its λ, (4) the KL–χ² problem, (5) the loss with (5a),
+(5b) its fixed point. "Section N" means pmd_mean.py section N. This file's printed parts are A–H.
 
 Symbols and shapes
 ------------------
@@ -16,74 +20,114 @@ Symbols and shapes
     π_t current policy (N,)              u   = π_{t+1}/π_t, the likelihood ratio (N,)
     r̄   = E_{π_t}[r]                     Z_t = E_{π_t}[e^{r/τ}]
     λ   PMD-mean's χ² weight             θ   logits of a tabular softmax policy, (N,) or (S, N)
+    |y| a response's length in tokens (N,): 1 for every arm, except in part E
 
 The math, in the order the output follows it
 --------------------------------------------
-1. Exact PMD, argmax_π E_π[r] − τ·KL(π‖π_t), has the closed form π_{t+1} = π_t·e^{r/τ}/Z_t.
-
-2. PMD-mean at the population level minimises, over normalised π,
+A. Exact PMD, argmax_π E_π[r] − τ·KL(π‖π_t), has the closed form π_{t+1} = π_t·e^{r/τ}/Z_t (1).
+   PMD-mean at the population level minimises the regression (2) with b = r̄, over normalised π,
 
        E_{π_t}[(r − r̄ − τ·log u)²]     subject to  Σ_y π_t(y)·u(y) = 1.
 
    With a multiplier μ for the constraint, the derivative in u(y) is
    π_t(y)·[−2τ·(r − r̄ − τ·log u)/u + μ] = 0, i.e. r − r̄ − τ·log u = λ·u with λ = μ/(2τ):
 
-       τ·log u + λ·u = r − r̄.                                                              (S)
+       τ·log u + λ·u = r − r̄.                                                             (3a)
 
    Put v = (λ/τ)·u: log v + v = log(λ/τ) + (r − r̄)/τ, so v·e^v = (λ/τ)·e^{(r−r̄)/τ} and
 
-       π_{t+1} = π_t·(τ/λ)·W₀((λ/τ)·e^{(r − r̄)/τ}),                                          (W)
+       π_{t+1} = π_t·(τ/λ)·W₀((λ/τ)·e^{(r − r̄)/τ}),                                         (3)
 
-   W₀ the principal Lambert W, λ the one scalar that makes Σ π_{t+1} = 1. Taking E_{π_t} of (S),
+   W₀ the principal Lambert W, λ the one scalar that makes Σ π_{t+1} = 1. Taking E_{π_t} of (3a),
    with E_{π_t}[u] = 1 and E_{π_t}[r − r̄] = 0, gives τ·E_{π_t}[log u] + λ = 0:
 
-       λ = τ·KL(π_t ‖ π_{t+1})  > 0.                                                        (λ)
+       λ = τ·KL(π_t ‖ π_{t+1})  > 0.                                                       (3b)
 
-3. The equivalence. argmax_π E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), with χ² = Σ π²/π_t − 1, is a
-   strictly concave problem whose stationarity condition is r − τ·(log u + 1) − λ·u + ν = 0: again
-   τ·log u + λ·u = r + const, the constant fixed by normalisation. At the λ of (W) the two problems
-   therefore have the same solution: PMD-mean is mirror descent with the regulariser τ·KL + (λ/2)·χ².
-   `kl_chi2_update` solves the KL–χ² problem without Lambert W (bisection on the normaliser, Newton
-   per arm) and the script prints the largest difference.
+B. The equivalence (4). argmax_π E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), with Pearson
+   χ²(π‖π_t) = Σ π_t·(π/π_t − 1)² = Σ π²/π_t − 1, is a strictly concave problem whose stationarity
+   condition is r − τ·(log u + 1) − λ·u + ν = 0: again τ·log u + λ·u = r + const, the constant fixed
+   by normalisation. At the λ of (3) the two problems therefore have the same solution: PMD-mean is
+   mirror descent with the regulariser τ·KL + (λ/2)·χ². `kl_chi2_update` solves the KL–χ² problem
+   without Lambert W (bisection on the normaliser, Newton per arm) and the script prints the largest
+   difference.
 
-4. Binary rewards: u depends on an arm only through its reward, so any number of arms reduces to two
-   (success with mass p, failure with 1 − p). From (S), a success has τ·log u + λ·u = 1 − p: when
+C. Binary rewards: u depends on an arm only through its reward, so any number of arms reduces to two
+   (success with mass p, failure with 1 − p). From (3a), a success has τ·log u + λ·u = 1 − p: when
    p is small and τ is small exact PMD moves nearly all mass to the success (p′ → 1), while PMD-mean
    is held back by the λ·u term.
 
-5. The real loss. A tabular softmax policy is fitted by gradient descent on `pmd_mean.pmd_loss`:
-   (a) with exact expectations over arms it lands on (W) (and, with the log-partition baseline, on
-   exact PMD); (b) with K sampled responses and `pmd_mean.compute_baseline`, as an LLM would.
+D. The real loss. A tabular softmax policy is fitted by gradient descent on `pmd_mean.pmd_loss` with
+   exact expectations over arms: it lands on (3) (and, with the log-partition baseline, on exact PMD).
 
-6. Finite samples: over S seeds, the noise and bias of each baseline's regression targets, the
+E. Unequal lengths. `pmd_loss` is (5), L = 0.5·τ·(A/τ − Δ)²/|y|: the regression (2) times 1/(2τ|y|),
+   so each response's squared residual is weighted by 1/|y| (OpenKimi's `opmd` loss has the same
+   1/|y|, its seq-mean-token-mean aggregation). Redo A with that weight and any baseline b: the
+   derivative in u(y) is π_t(y)·[−(r − b − τ·log u)/(|y|·u) + μ] = 0, so with λ = μ
+
+       τ·log u + λ·|y|·u = r − b,                                                         (5a)
+       π_{t+1} = π_t·(τ/(λ·|y|))·W₀((λ·|y|/τ)·e^{(r − b)/τ}):                               (5b)
+
+   (3) with λ·|y| in place of λ. Taking E_{π_t} of (5a), with E_{π_t}[|y|·u] = E_{π_{t+1}}[|y|] and
+   E_{π_t}[log u] = −KL(π_t‖π_{t+1}), gives λ = (τ·KL(π_t‖π_{t+1}) − (b − r̄)) / E_{π_{t+1}}[|y|].
+   When all lengths are equal (|y| ≡ c), (5b) is (3) (with r − b) at λ·c, and for b = r̄, λ·c = τ·KL
+   (3b): the paper's result holds exactly for the loss we run whenever the lengths do not differ.
+   When they do, at the same reward the longer response gets the smaller u (τ·log u + λ·|y|·u grows
+   with |y|): a long success grows less, a long failure shrinks more.
+
+   The KL–χ² reading of (5b): it maximises E_π[r] − τ·KL(π‖π_t) − (λ/2)·Σ_y |y|·π(y)²/π_t(y), whose
+   stationarity condition is r − τ·(log u + 1) − λ·|y|·u + ν = 0. With the length-weighted Pearson
+   χ²_|y|(π‖π_t) = Σ_y π_t(y)·|y|·(π(y)/π_t(y) − 1)², Σ|y|·π²/π_t = χ²_|y| + 2·E_π[|y|] − E_{π_t}[|y|],
+   so
+
+       π_{t+1} = argmax_π  E_π[r − λ·|y|] − τ·KL(π‖π_t) − (λ/2)·χ²_|y|(π‖π_t):
+
+   the KL–χ² step with a length-weighted χ² AND a cost of λ per token. (χ²_|y| alone would not do:
+   its stationarity condition carries an extra λ·|y| on the right of (5a).) With |y| ≡ c the token
+   cost is the same for every π and χ²_|y| = c·χ²: (4) with λ·c. Part E prints (5b), (3) as written
+   and an independent minimiser of E_{π_t}[(5)] (gradient descent on `pmd_loss`) side by side.
+
+F. The same loss on K sampled responses with `pmd_mean.compute_baseline`, as an LLM would use it.
+
+G. Finite samples: over S seeds, the noise and bias of each baseline's regression targets, the
    fitted policy's distance from its own population target, and multi-iteration learning curves.
+   What it shows at τ = 0.1, K = 8: PMD-mean's targets are unbiased and have about half the spread
+   of PMD-part's (sd 0.94 vs 1.98 nats), yet after 12 iterations sampled PMD-part ends higher
+   (E[r] 0.785 vs 0.702). Less noisy targets did not buy a better sampled run here.
 
-7. Beyond the paper (pmd_mean.py's docstring, section 9). (S) with any baseline b in place of r̄
-   gives (W) with r − b, and taking E_{π_t} gives λ = τ·KL(π_t‖π_{t+1}) − (b − r̄) ≥ 0 for
-   b ≤ τ·log Z_t. The tempered baseline (τ_b·log E e^{r/τ_b}, between r̄ and τ·log Z_t) and the
-   corrected one (τ·log Z_t in the limit) are set against the three above: one step at p = 0.01,
-   0.1, 0.5, the bias of their targets, and the reward after 12 iterations, all leave-one-out.
+H. Beyond the paper (pmd_mean.py section 9). (5a) with |y| ≡ 1 and any baseline b gives (3) with
+   r − b, and λ = τ·KL(π_t‖π_{t+1}) − (b − r̄) ≥ 0 for b ≤ τ·log Z_t (E above). The tempered
+   baseline (a log-mean-exp at its own temperature τ_b, τ_b·log E e^{r/τ_b}, between r̄ and τ·log Z_t)
+   and the corrected one (τ·log Z_t in the limit) are set against the three above: one step at
+   p = 0.01, 0.1, 0.5, the bias of their targets, and the reward after 12 iterations, all
+   leave-one-out.
+
+The figure chi2_cap.png draws (3) as log u against x = (r − r̄)/τ: log W₀(c·e^x) − log c, c = λ/τ
+(c·|y| for (5b)). For x → −∞, W₀(z) ≈ z and log u ≈ x, exact PMD's slope-1 line: responses below
+the mean are scaled down about as exact PMD scales them. For large x, W₀(z) ≈ log z and u ≈ (τ/λ)·x:
+responses above the mean grow linearly in x, not as e^x. The χ² term caps big increases.
 
 Departures from the paper and from pmd_mean.py (read these before quoting a number)
 -----------------------------------------------------------------------------------
   1. A tabular softmax policy over N arms stands in for the LLM: log π(y) is one log-softmax entry,
-     so every response has length 1 (pmd_loss gets lengths = 1 in the sampled runs).
-  2. "Exact expectations" (5a) is the population loss E_{π_t}[L], which an LLM never sees. We get it
-     from one pmd_loss call by passing each arm the "length" 1/(N·π_t(y)): the loss divides by
-     length, so its plain mean over the N arms becomes the π_t-weighted sum.
+     so every response has length 1 (pmd_loss gets lengths = 1), except in part E, where each arm
+     carries a length |y| that enters only through pmd_loss's 1/|y|, as a number attached to the arm.
+  2. "Exact expectations" (parts D, E) is the population loss E_{π_t}[L], which an LLM never sees. We
+     get it from one pmd_loss call over the N arms, each with the per-sequence weight N·π_t(y)
+     (pmd_loss's `weights`): the loss multiplies by the weight and takes a plain mean over the N
+     arms, so the mean becomes the π_t-weighted sum. The arms' lengths go in as they are.
   3. Each regression is plain full-batch gradient descent from θ_t for a fixed number of steps
-     (2000 exact, 500 sampled), not 1–2 AdamW steps per batch as in train_math.py: we look at what
-     the loss converges to, not at an optimiser's first steps. Sampled results depend on this
-     budget (see 4): the K = 8 learning curves end (iteration 12, 400 seeds) at E[r] = 0.77, 0.76,
-     0.70, 0.68 for sampled PMD-mean with 50, 100, 500, 1000 steps, and at 0.78–0.79 for PMD-part.
+     (2000 exact, up to 5000 in part E, 500 sampled), not 1–2 AdamW steps per batch as in train_math.py:
+     we look at what the loss converges to, not at an optimiser's first steps. Sampled results depend
+     on this budget (see 4): the K = 8 learning curves end (iteration 12, 400 seeds) at E[r] = 0.77,
+     0.76, 0.70, 0.68 for sampled PMD-mean with 50, 100, 500, 1000 steps, and at 0.78–0.79 for PMD-part.
   4. With K samples the loss does not pin down the arms that were not sampled: they enter only
      through the softmax normaliser, so the minimiser is not unique, and when the sampled targets ask
      for more than the total mass, gradient descent keeps draining the unsampled arms. An LLM is in
      the same position (almost every response goes unsampled); here it is easy to see.
-  5. The sampled runs (5b, learning curves) use the plain group baselines (leave_one_out=False), the
-     form the paper analyses; pmd_mean.py defaults to leave-one-out, shown as extra rows in 6.
+  5. The sampled runs (parts F, G) use the plain group baselines (leave_one_out=False), the form the
+     paper analyses; pmd_mean.py defaults to leave-one-out, shown as extra rows in G.
   6. W₀ is computed by Newton's method on log W(e^z) and λ by bisection on log λ; both are written
-     here (no scipy) and checked in the tests.
+     here (no scipy) and checked in test_toy_bandit.py.
 """
 
 from __future__ import annotations
@@ -123,11 +167,6 @@ def kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[m] * (np.log(p[m]) - np.log(q[m]))))
 
 
-def chi2(p: np.ndarray, q: np.ndarray) -> float:
-    """χ²(p‖q) = Σ p²/q − 1."""
-    return float(np.sum(p * p / q) - 1.0)
-
-
 def tv(p, q) -> np.ndarray:
     """Total variation ½·Σ|p − q| over the last axis."""
     return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(-1)
@@ -160,41 +199,12 @@ def _log_w_of_exp(z: np.ndarray) -> np.ndarray:
     return s
 
 
-def lambert_w(x):
-    """Principal branch W₀(x) for x ≥ −1/e (nan below), elementwise; numpy array or torch tensor.
-
-    x > 0 goes through _log_w_of_exp(log x) (stable for huge x). −1/e ≤ x ≤ 0 uses Halley's method
-    on f(w) = w·e^w − x from the branch-point series w ≈ −1 + p − p²/3 + 11p³/72, p = √(2(e·x + 1)).
-    """
-    x0, back = _as_numpy(x)
-    xn = np.atleast_1d(x0)                                                 # (n,)
-    w = np.full(xn.shape, np.nan)
-    pos = xn > 0
-    w[pos] = np.exp(_log_w_of_exp(np.log(xn[pos])))
-    neg = (xn <= 0) & (xn >= -1.0 / math.e)
-    if neg.any():
-        xm = xn[neg]
-        p = np.sqrt(np.maximum(2.0 * (math.e * xm + 1.0), 0.0))
-        wn = -1.0 + p - p**2 / 3.0 + 11.0 / 72.0 * p**3
-        for _ in range(50):
-            ew = np.exp(wn)
-            f = wn * ew - xm
-            # Halley: w ← w − f / (f' − f·f''/(2f')),  f' = e^w·(w + 1),  f'' = e^w·(w + 2)
-            denom = ew * (wn + 1.0) - (wn + 2.0) * f / (2.0 * (wn + 1.0) + 1e-300)
-            step = np.where(denom != 0, f / np.where(denom == 0, 1.0, denom), 0.0)
-            wn = wn - step
-            if np.all(np.abs(step) < 1e-15):
-                break
-        w[neg] = wn
-    return back(w.reshape(x0.shape))
-
-
 # -----------------------------------------------------------------------------
 # The three closed forms: exact PMD, population PMD-mean, and the KL–χ² step
 
 
 def pmd_exact_update(pi, r, tau: float):
-    """Exact PMD: π_{t+1} = π_t·e^{r/τ}/Z_t, computed in log space (stable for τ → 0)."""
+    """Exact PMD (1): π_{t+1} = π_t·e^{r/τ}/Z_t, computed in log space (stable for τ → 0)."""
     p, back = _as_numpy(pi)
     rn, _ = _as_numpy(r)
     # log π_{t+1} = log π_t + r/τ − log Σ π_t·e^{r/τ}
@@ -205,29 +215,35 @@ def pmd_exact_update(pi, r, tau: float):
     return back(np.exp(logits - log_z))
 
 
-def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float, b: float | None = None) -> tuple[np.ndarray, float]:
-    """log u = log(π_{t+1}/π_t) of (W), and λ. Works in log space so small τ never overflows.
+def _pmd_mean_log_u(p: np.ndarray, r: np.ndarray, tau: float, b: float | None = None,
+                    lengths: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """log u = log(π_{t+1}/π_t) of (5b), and λ. Works in log space so small τ never overflows.
 
     b is the baseline, r̄ = E_{π_t}[r] by default (PMD-mean). Any b ≤ τ·log Z_t gives the same
-    Lambert-W form with r − b in place of r − r̄ (section 7); b = τ·log Z_t gives λ = 0, exact PMD."""
+    Lambert-W form with r − b in place of r − r̄ (part H); b = τ·log Z_t gives λ = 0, exact PMD.
+    lengths (N,) are the |y| of (5b); None means all equal, and then (5b) is (3)."""
     b = p @ r if b is None else b
     # d = (r − b)/τ
     d = (r - b) / tau                                                      # (N,)
+    # log|y|. With lengths=None it is the scalar 0.0, and x + 0.0 == x in floating point, so the
+    # equal-length path below computes (3) with exactly the same operations as before lengths existed.
+    log_len = 0.0 if lengths is None else np.log(lengths)                  # (N,) or scalar
     if np.max(r) - np.min(r) < 1e-13:  # all rewards equal: nothing to learn, u = 1, λ = 0
         return np.zeros_like(p), 0.0
     # Σ π_t·e^d = e^{(τ·log Z_t − b)/τ}: at or below 1 the baseline is τ·log Z_t (or above it, which
-    # no normalised u fits with λ ≥ 0), and the step is exact PMD's
+    # no normalised u fits with λ ≥ 0), and the step is exact PMD's, whatever the lengths
     with np.errstate(divide="ignore"):                                     # an arm with π_t = 0 stays at 0
         log_mass_at_0 = _log_sum_exp(np.log(p) + d)                        # log Σ π_t·e^d
     if log_mass_at_0 <= 1e-12:
         return d - log_mass_at_0, 0.0                                      # log u of exact PMD (λ = 0)
 
     def log_u_at(a):
-        # a = log(λ/τ):  log u = log W(e^{a + d}) − a           (from (W): u = (τ/λ)·W((λ/τ)·e^d))
-        return _log_w_of_exp(a + d) - a                                    # (N,)
+        # a = log(λ/τ). From (5b), u = (τ/(λ|y|))·W((λ|y|/τ)·e^d), so with e^{a + log|y|} = λ|y|/τ:
+        # log u = log W(e^{a + log|y| + d}) − (a + log|y|)
+        return _log_w_of_exp(a + log_len + d) - (a + log_len)              # (N,)
 
     def log_mass(a):
-        # log Σ π_t·u, strictly decreasing in λ (from (S): (τ/u + λ)·du = −u·dλ); 0 at the answer
+        # log Σ π_t·u, strictly decreasing in λ (from (5a): (τ/u + λ|y|)·du = −|y|·u·dλ); 0 at the answer
         lu = log_u_at(a)
         m = lu.max()
         return m + np.log(p @ np.exp(lu - m))
@@ -255,12 +271,16 @@ def _log_sum_exp(x: np.ndarray) -> float:
     return float(m + np.log(np.sum(np.exp(x - m))))
 
 
-def pmd_mean_population_update(pi, r, tau: float, b: float | None = None):
-    """PMD-mean's population step (W), or with baseline b the same regression's. Returns (π_{t+1}, λ);
-    for b = r̄, λ = τ·KL(π_t‖π_{t+1})."""
+def pmd_mean_population_update(pi, r, tau: float, b: float | None = None, lengths=None):
+    """The population minimiser of E_{π_t}[pmd_loss], the loss (5). Returns (π_{t+1}, λ).
+
+    lengths (N,): the responses' |y|; None (all equal) gives the paper's step (3), with
+    λ = τ·KL(π_t‖π_{t+1}) (3b). With lengths it is (5b), and λ·E_{π_{t+1}}[|y|] =
+    τ·KL(π_t‖π_{t+1}) − (b − r̄). b: the baseline, r̄ by default (PMD-mean)."""
     p, back = _as_numpy(pi)
     rn, _ = _as_numpy(r)
-    log_u, lam = _pmd_mean_log_u(p, rn, tau, b)
+    ln = None if lengths is None else _as_numpy(lengths)[0]
+    log_u, lam = _pmd_mean_log_u(p, rn, tau, b, ln)
     return back(p * np.exp(log_u)), lam
 
 
@@ -273,33 +293,38 @@ def population_baseline(pi: np.ndarray, r: np.ndarray, tau: float, kind: str,
         return float(pi @ r) if t is None else t * _log_sum_exp(np.log(pi) + r / t)
 
 
-def kl_chi2_update(pi, r, tau: float, lam: float):
-    """argmax_π E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), solved without Lambert W.
+def kl_chi2_update(pi, r, tau: float, lam: float, lengths=None):
+    """argmax_π E_π[r] − τ·KL(π‖π_t) − (λ/2)·Σ_y |y|·π(y)²/π_t(y), solved without Lambert W.
 
+    With lengths=None (|y| ≡ 1) the last term is (λ/2)·(χ²(π‖π_t) + 1): the KL–χ² step (4). With
+    lengths it is (λ/2)·χ²_|y| + λ·E_π[|y|] + const, χ²_|y| = Σ π_t·|y|·(π/π_t − 1)² (part E).
     The objective is strictly concave on the simplex, so its maximiser is the unique point where
-        r − τ·(log u + 1) − λ·u + ν = 0,   u = π/π_t,  Σ π = 1.
-    For a fixed c (= ν − τ) each arm's equation τ·v + λ·e^v = r + c (v = log u) has one root, found
-    by Newton from the right (the left side is convex and increasing in v); c is then bisected until
-    Σ π_t·e^v = 1. u_i ≤ 1 exactly when c ≤ λ − r_i, so c ∈ [λ − max r, λ − min r].
+        r − τ·(log u + 1) − λ·|y|·u + ν = 0,   u = π/π_t,  Σ π = 1.
+    For a fixed c (= ν − τ) each arm's equation τ·v + λ|y|·e^v = r + c (v = log u) has one root,
+    found by Newton from the right (the left side is convex and increasing in v); c is then bisected
+    until Σ π_t·e^v = 1. u_i ≤ 1 exactly when c ≤ λ|y_i| − r_i, so c lies between the smallest and
+    the largest λ|y_i| − r_i.
     """
     p, back = _as_numpy(pi)
     rn, _ = _as_numpy(r)
     if lam <= 0:  # pure KL: the exact PMD step
         return back(_as_numpy(pmd_exact_update(p, rn, tau))[0])
+    # λ|y|; with lengths=None the scalar λ·1.0 == λ, so the equal-length path is unchanged
+    lam_len = lam * (1.0 if lengths is None else _as_numpy(lengths)[0])   # (N,) or scalar
 
     def log_u_at(c):
         rhs = rn + c                                                       # (N,)
-        # start where h(v) = τ·v + λ·e^v − rhs ≥ 0 (same argument as in _log_w_of_exp)
-        v = np.minimum(rhs / tau, np.maximum(0.0, np.log(np.maximum(rhs, 1e-300) / lam)))
+        # start where h(v) = τ·v + λ|y|·e^v − rhs ≥ 0 (same argument as in _log_w_of_exp)
+        v = np.minimum(rhs / tau, np.maximum(0.0, np.log(np.maximum(rhs, 1e-300) / lam_len)))
         for _ in range(200):
-            ev = lam * np.exp(v)
+            ev = lam_len * np.exp(v)
             step = (tau * v + ev - rhs) / (tau + ev)
             v = v - step
             if np.all(np.abs(step) <= 1e-15 * np.maximum(1.0, np.abs(v))):
                 break
         return v
 
-    lo, hi = lam - rn.max(), lam - rn.min()
+    lo, hi = np.min(lam_len - rn), np.max(lam_len - rn)
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if p @ np.exp(log_u_at(mid)) > 1.0:
@@ -309,11 +334,6 @@ def kl_chi2_update(pi, r, tau: float, lam: float):
         if hi - lo <= 4e-16 * max(1.0, abs(mid)):
             break
     return back(p * np.exp(log_u_at(0.5 * (lo + hi))))
-
-
-def kl_chi2_objective(pi_new, pi, r, tau: float, lam: float) -> float:
-    """E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), for checking that a point is the maximiser."""
-    return float(pi_new @ r - tau * kl(pi_new, pi) - 0.5 * lam * chi2(pi_new, pi))
 
 
 def binary_update(p: float, tau: float) -> tuple[float, float, float]:
@@ -332,34 +352,41 @@ def binary_update(p: float, tau: float) -> tuple[float, float, float]:
 
 
 def fit_exact_expectation(pi: np.ndarray, r: np.ndarray, tau: float, kind: str,
-                          steps: int = 2000) -> np.ndarray:
+                          steps: int = 2000, lengths: np.ndarray | None = None) -> np.ndarray:
     """Minimise E_{y~π_t}[pmd_loss] over logits θ by gradient descent, expectations exact.
 
     b = r̄ (kind "mean") or τ·log Z_t (kind "partition"): the K → ∞ limits of compute_baseline.
+    lengths (N,): each arm's |y|, passed to pmd_loss as they are; None means 1 for every arm.
     The softmax family covers every interior point of the simplex, so the minimiser over θ is the
-    minimiser over normalised π: (W) for "mean", exact PMD for "partition". Returns π_θ, (N,).
+    minimiser over normalised π: (3) for "mean" ((5b) with lengths), exact PMD (1) for "partition".
+    Nothing here uses a closed form, so it is the independent reference for both. Returns π_θ, (N,).
     """
     pi_t = torch.tensor(pi, dtype=torch.float64)                           # (N,)
     rr = torch.tensor(r, dtype=torch.float64)                              # (N,)
+    n = len(pi)
+    ell = torch.ones(n, dtype=torch.float64) if lengths is None else torch.tensor(lengths, dtype=torch.float64)
+    # ell: (N,) |y|
     logp_old = pi_t.log()                                                  # (N,)
     if kind == "mean":
         b = pi_t @ rr                                                      # r̄
     else:
         b = tau * torch.logsumexp(logp_old + rr / tau, 0)                  # τ·log Z_t
     adv = rr - b                                                           # (N,) A = r − b
-    # pmd_loss returns mean_y L(y)/|y|. Giving response y the "length" 1/(N·π_t(y)) turns that plain
-    # mean into Σ_y π_t(y)·L(y) = E_{π_t}[L]: the loss of a batch in which every arm appears exactly
-    # in proportion to π_t (departure 2). The lengths here are importance weights, nothing more.
-    weights_as_lengths = 1.0 / (len(pi) * pi_t)                            # (N,)
-    # Step size. In log π the squared residual has curvature τ·π_t(y); the softmax normaliser adds
-    # Σ_y π_t(y)·(A − τ·Δ), which at PMD-mean's fixed point is exactly λ, and λ ≤ max A⁺ by (S) at the
-    # arm with the largest u (u ≥ 1 there). lr = 1/(τ + max A⁺) kept plain gradient descent stable
-    # for every τ we tried; lr = 1/τ never converged at τ = 0.01 for PMD-mean, where λ ≈ 10·τ.
-    lr = 1.0 / (tau + float(adv.max().clamp(min=0)))
+    # pmd_loss returns (1/N)·Σ_y weight(y)·L(y), L = 0.5·τ·(A/τ − Δ)²/|y| the loss (5). The per-sequence
+    # weight N·π_t(y) turns that plain mean over the N arms into Σ_y π_t(y)·L(y) = E_{π_t}[L]: the loss
+    # of a batch in which every arm appears exactly in proportion to π_t (departure 2). The weights are
+    # importance weights; the lengths are the responses' own, and keep their 1/|y|.
+    weights = n * pi_t                                                     # (N,)
+    # Step size. In log π the squared residual has curvature τ·π_t(y)/|y|; the softmax normaliser adds
+    # Σ_y π_t(y)·(A − τ·Δ)/|y|, which at the fixed point is exactly λ (by (5a)), and λ ≤ max A⁺/min|y|
+    # by (5a) at the arm with the largest u (u ≥ 1 there). lr = min|y|/(τ + max A⁺) kept plain gradient
+    # descent stable for every τ we tried; lr = 1/τ never converged at τ = 0.01 for PMD-mean (|y| ≡ 1),
+    # where λ ≈ 10·τ. Long responses still flatten the loss: part E needs up to 5000 steps.
+    lr = float(ell.min()) / (tau + float(adv.max().clamp(min=0)))
     theta = logp_old.clone().requires_grad_(True)                          # (N,) start at π_θ = π_t
     for _ in range(steps):
         logp = torch.log_softmax(theta, 0)                                 # (N,)
-        loss = pmd_mean.pmd_loss(logp, logp_old, adv, tau, weights_as_lengths)
+        loss = pmd_mean.pmd_loss(logp, logp_old, adv, tau, ell, weights)
         (g,) = torch.autograd.grad(loss, theta)
         with torch.no_grad():
             theta -= lr * g
@@ -424,12 +451,12 @@ def _row(cells, widths):
 
 
 # -----------------------------------------------------------------------------
-# Sections 1–3: the closed forms and the KL–χ² equivalence
+# Parts A–B: the closed forms and the KL–χ² equivalence
 
 
 def section_closed_forms():
     taus = (1.0, 0.1, 0.01)
-    print("== 1-2. One step on a graded bandit: exact PMD (π_t·e^{r/τ}/Z_t) vs population PMD-mean (W) ==")
+    print("== A. One step on a graded bandit: exact PMD (1), π_t·e^{r/τ}/Z_t, vs population PMD-mean (3) ==")
     step = {t: (pmd_exact_update(PI_T, R_GRADED, t), *pmd_mean_population_update(PI_T, R_GRADED, t)) for t in taus}
     w = [5, 6, 7] + [11] * 6
     print(" " * 18 + "".join(f"{'τ = ' + format(t, 'g'):^22}" for t in taus))
@@ -440,33 +467,35 @@ def section_closed_forms():
     print(_row(["λ", "", ""] + [x for t in taus for x in ("", step[t][2])], w))
     print("PMD-mean moves less mass to the rare good arms, and much less when τ is small.\n")
 
-    print("== 3. PMD-mean = argmax E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), with λ = τ·KL(π_t‖π_{t+1}) ==")
+    print("== B. (3) is the KL–χ² step (4), argmax E_π[r] − τ·KL(π‖π_t) − (λ/2)·χ²(π‖π_t), "
+          "at λ = τ·KL(π_t‖π_{t+1}) (3b) ==")
     print("   (the KL–χ² problem solved independently: bisection on the normaliser, Newton per arm, no W)")
     w = [8, 7, 10, 15, 12, 18, 15, 10]
-    print(_row(["rewards", "τ", "λ", "τ·KL(π_t‖π')", "rel. diff", "max|π_W − π_KLχ²|", "resid. of (S)", "Σπ' − 1"], w))
+    print(_row(["rewards", "τ", "λ", "τ·KL(π_t‖π')", "rel. diff", "max|(3) − (4)|", "resid. of (3a)",
+                "Σπ' − 1"], w))
     worst = 0.0
     for name, r in (("graded", R_GRADED), ("binary", R_BINARY)):
         for tau in (1.0, 0.1, 0.01, 0.001):
             pm, lam = pmd_mean_population_update(PI_T, r, tau)
             pk = kl_chi2_update(PI_T, r, tau, lam)
             tkl = tau * kl(PI_T, pm)
-            # residual of (S), τ·log u + λ·u − (r − r̄), from the log-space solver (u may underflow)
+            # residual of (3a), τ·log u + λ·u − (r − r̄), from the log-space solver (u may underflow)
             log_u, _ = _pmd_mean_log_u(PI_T, r, tau)
             resid = np.max(np.abs(tau * log_u + lam * np.exp(log_u) - (r - PI_T @ r)))
             diff = np.max(np.abs(pm - pk))
             worst = max(worst, diff)
             print(_row([name, f"{tau:g}", lam, tkl, f"{abs(lam - tkl) / lam:.1e}", f"{diff:.1e}",
                         f"{resid:.1e}", f"{pm.sum() - 1:.1e}"], w))
-    print(f"largest |π_W − π_KLχ²| over all rows: {worst:.1e}  (τ = 0.001 shows the log-space W is stable)\n")
+    print(f"largest |(3) − (4)| over all rows: {worst:.1e}  (τ = 0.001 shows the log-space W is stable)\n")
 
 
 # -----------------------------------------------------------------------------
-# Section 4: binary rewards, where PMD-mean is conservative
+# Part C: binary rewards, where PMD-mean is conservative
 
 
 def section_binary():
     taus = (1.0, 0.1, 0.01)
-    print("== 4. Binary rewards, success probability p: p′ after one step, and λ ==")
+    print("== C. Binary rewards, success probability p: p′ after one step, and λ ==")
     w = [8] + [10] * 9
     print(" " * 8 + "".join(f"{'τ = ' + format(t, 'g'):^30}" for t in taus))
     print(_row(["p"] + ["exact p′", "mean p′", "λ"] * 3, w))
@@ -496,20 +525,68 @@ def section_binary():
 
 
 # -----------------------------------------------------------------------------
-# Sections 5–6: the real loss, with exact expectations and with K samples
+# Part D: the real loss with exact expectations
 
 
-def section_real_loss(seeds: int, seed: int):
-    print("== 5a. Gradient descent on pmd_mean.pmd_loss, exact expectations over arms (graded rewards) ==")
+def section_exact_fit():
+    print("== D. Gradient descent on pmd_mean.pmd_loss, exact expectations over arms (graded rewards) ==")
     w = [6, 11, 15, 22, 10, 13]
     print(_row(["τ", "baseline", "target", "TV(fit, closed form)", "E_fit[r]", "E_target[r]"], w))
     for tau in (1.0, 0.1, 0.01):
-        for kind, name, target in (("mean", "W (PMD-mean)", pmd_mean_population_update(PI_T, R_GRADED, tau)[0]),
-                                   ("partition", "exact PMD", pmd_exact_update(PI_T, R_GRADED, tau))):
+        for kind, name, target in (("mean", "(3) PMD-mean", pmd_mean_population_update(PI_T, R_GRADED, tau)[0]),
+                                   ("partition", "(1) exact PMD", pmd_exact_update(PI_T, R_GRADED, tau))):
             fit = fit_exact_expectation(PI_T, R_GRADED, tau, kind, FIT_STEPS_EXACT)
             print(_row([f"{tau:g}", kind, name, f"{tv(fit, target):.1e}", fit @ R_GRADED, target @ R_GRADED], w))
     print("The population fixed point of the loss the LLM trainer minimises is the Lambert-W step.\n")
 
+
+# -----------------------------------------------------------------------------
+# Part E: unequal lengths. pmd_loss divides by |y|, and that moves the fixed point
+
+# (name, π_t, r, |y|, τ, gradient steps); b = r̄ in all three. 1/|y| flattens the loss, so a long arm
+# that π_t makes rare converges slowly: the graded case needs 5000 steps for 1e-7, the others 2000 for 1e-9.
+LENGTH_PI = np.array([0.05, 0.15, 0.3, 0.5])              # (4,) π_t of the worked example
+LENGTH_R = np.array([1.0, 1.0, 0.0, 0.0])                 # (4,) a success and a failure of each length
+LENGTH_LEN = np.array([2.0, 20, 2, 20])                   # (4,) |y|: short, long, short, long
+LENGTH_CASES = (("a short and a long success, a short and a long failure", LENGTH_PI, LENGTH_R, LENGTH_LEN, 0.1,
+                 2000),
+                ("the same four arms", LENGTH_PI, LENGTH_R, LENGTH_LEN, 1.0, 2000),
+                ("the graded bandit, the better answers the longer ones", PI_T, R_GRADED,
+                 np.array([80.0, 40, 20, 10, 10, 10]), 0.1, 5000))
+
+
+def section_lengths():
+    print("== E. Unequal lengths: pmd_loss's 1/|y| gives the step (5b), (3) with λ·|y| in place of λ ==")
+    print("   π_{t+1} three ways, b = r̄: 'GD on (5)' is gradient descent on pmd_mean.pmd_loss with exact")
+    print("   expectations and these lengths (no closed form inside); '(3)' is the paper's step, blind to")
+    print("   lengths; '(5b)' the Lambert-W step with λ·|y|, λ from its own normalisation.")
+    w = [6, 5, 5, 7, 11, 9, 9]
+    for name, pi, r, lengths, tau, steps in LENGTH_CASES:
+        fit = fit_exact_expectation(pi, r, tau, "mean", steps, lengths)
+        blind, _ = pmd_mean_population_update(pi, r, tau)
+        step, lam = pmd_mean_population_update(pi, r, tau, lengths=lengths)
+        kl_chi2 = kl_chi2_update(pi, r, tau, lam, lengths)
+        print(f"   {name}, τ = {tau:g}:")
+        print(_row(["arm", "r", "|y|", "π_t", "GD on (5)", "(3)", "(5b)"], w))
+        for i in range(len(pi)):
+            print(_row([str(i), f"{r[i]:g}", f"{lengths[i]:g}", f"{pi[i]:g}", f"{fit[i]:.4f}", f"{blind[i]:.4f}",
+                        f"{step[i]:.4f}"], w))
+        print(_row(["E[r]", "", "", f"{pi @ r:.3f}", f"{fit @ r:.4f}", f"{blind @ r:.4f}", f"{step @ r:.4f}"], w))
+        print(f"   max|(5b) − GD| = {np.abs(step - fit).max():.1e},  "
+              f"max|(3) − GD| = {np.abs(blind - fit).max():.3f},  "
+              f"max|(5b) − KL–χ²_|y| step| = {np.abs(step - kl_chi2).max():.1e}")
+        print(f"   λ = {lam:.4g};  λ·E_{{π_{{t+1}}}}[|y|] = {lam * (step @ lengths):.6g} = τ·KL(π_t‖π_{{t+1}}) = "
+              f"{tau * kl(pi, step):.6g}")
+    print("At the same reward the longer response gets the smaller u = π_{t+1}/π_t: a long success grows less,\n"
+          "a long failure shrinks more, as if every token cost λ (the KL–χ²_|y| step: argmax E_π[r − λ·|y|]\n"
+          "− τ·KL − (λ/2)·χ²_|y|, solved without W). With all lengths equal, (5b) is (3).\n")
+
+
+# -----------------------------------------------------------------------------
+# Parts F–G: the real loss on K samples, and what finite samples do
+
+
+def section_sampled(seeds: int, seed: int):
     tau = TAU_SAMPLED
     gen = torch.Generator().manual_seed(seed)
     target = {"mean": pmd_mean_population_update(PI_T, R_GRADED, tau)[0],
@@ -523,8 +600,8 @@ def section_real_loss(seeds: int, seed: int):
                 fit, b, _ = fit_sampled(pis, R_GRADED, tau, kind, K, gen, loo, FIT_STEPS_SAMPLED)
                 runs[(K, kind, loo)] = dict(fit=fit, b0=b[:, 0], tv=tv(fit, target[kind]))
 
-    print(f"== 5b. The same loss on K sampled responses, {seeds} seeds, τ = {tau}, plain group baselines ==")
-    print(f"   population targets: PMD-mean (W) E[r] = {target['mean'] @ R_GRADED:.3f}, "
+    print(f"== F. The same loss on K sampled responses, {seeds} seeds, τ = {tau}, plain group baselines ==")
+    print(f"   population targets: PMD-mean (3) E[r] = {target['mean'] @ R_GRADED:.3f}, "
           f"τ·KL = λ = {tau * kl(PI_T, target['mean']):.3f};  exact PMD E[r] = "
           f"{target['partition'] @ R_GRADED:.3f}, τ·KL = {tau * kl(PI_T, target['partition']):.3f}")
     w = [4, 11, 16, 23, 16]
@@ -538,7 +615,7 @@ def section_real_loss(seeds: int, seed: int):
                         f"{run['tv'].mean():.3f} ± {run['tv'].std():.3f}", f"{tkl.mean():.3f}"], w))
     print()
 
-    print("== 6. Finite samples: regression target −b/τ of a reward-0 response, and the fit's error ==")
+    print("== G. Finite samples: regression target −b/τ of a reward-0 response, and the fit's error ==")
     print(f"   population values: PMD-mean −r̄/τ = {-pop_b['mean'] / tau:.3f},  "
           f"PMD-part −log Z_t = {-pop_b['partition'] / tau:.3f}  (nats)")
     w = [4, 11, 5, 17, 8, 11, 18]
@@ -555,16 +632,17 @@ def section_real_loss(seeds: int, seed: int):
     return runs
 
 
-def section_curves(seeds: int, seed: int, K: int = 8):
+def section_curves(seeds: int, seed: int, K: int = 8, runs: dict | None = None):
+    """Part G (cont.); runs: section_sampled's fits, for the targets' spread at this K (optional)."""
     tau = TAU_SAMPLED
     gen = torch.Generator().manual_seed(seed + 1)
-    curves = {"exact PMD": [PI_T @ R_GRADED], "PMD-mean (W)": [PI_T @ R_GRADED]}
+    curves = {"exact PMD": [PI_T @ R_GRADED], "PMD-mean (3)": [PI_T @ R_GRADED]}
     pe, pm = PI_T.copy(), PI_T.copy()
     for _ in range(CURVE_ITERS):
         pe = pmd_exact_update(pe, R_GRADED, tau)
         pm, _ = pmd_mean_population_update(pm, R_GRADED, tau)
         curves["exact PMD"].append(pe @ R_GRADED)
-        curves["PMD-mean (W)"].append(pm @ R_GRADED)
+        curves["PMD-mean (3)"].append(pm @ R_GRADED)
     final = {}
     for kind, name in (("mean", f"PMD-mean, K={K}"), ("partition", f"PMD-part, K={K}")):
         pis = np.tile(PI_T, (seeds, 1))                                    # (S, N)
@@ -575,7 +653,7 @@ def section_curves(seeds: int, seed: int, K: int = 8):
         curves[name] = np.array(ers)                                       # (iters + 1, S)
         final[name] = pis
 
-    print(f"== 6 (cont.). Learning curves: E_π[r] after each iteration (τ = {tau}, K = {K}, {seeds} seeds, "
+    print(f"== G (cont.). Learning curves: E_π[r] after each iteration (τ = {tau}, K = {K}, {seeds} seeds, "
           "mean ± sd) ==")
     names = list(curves)
     w = [5, 11, 14, 18, 18]
@@ -590,12 +668,19 @@ def section_curves(seeds: int, seed: int, K: int = 8):
         print(f"   {n}, after {CURVE_ITERS} iterations: share of seeds with π(best arm) > 0.5: "
               f"{np.mean(p[:, 0] > 0.5):.2f}, with π(best arm) < 0.001: {np.mean(p[:, 0] < 1e-3):.2f}")
     print("   Sampled runs stall below 1: an arm that is not sampled only feels the normaliser (departure 4)\n"
-          "   and loses mass, so a best arm missed a few times is never sampled again.\n")
+          "   and loses mass, so a best arm missed a few times is never sampled again.")
+    end_mean, end_part = (np.asarray(curves[f"{n}, K={K}"])[-1].mean() for n in ("PMD-mean", "PMD-part"))
+    spread = ""
+    if runs is not None and (K, "mean", False) in runs:
+        sd = {kind: (runs[(K, kind, False)]["b0"] / tau).std() for kind in ("mean", "partition")}
+        spread = f"\n   (sd {sd['mean']:.2f} vs {sd['partition']:.2f} nats at K = {K}, table G)"
+    print(f"   Sampled PMD-part ends higher than sampled PMD-mean ({end_part:.3f} vs {end_mean:.3f}), although\n"
+          f"   PMD-mean's regression targets are the unbiased ones, with about half the spread{spread}.\n")
     return curves
 
 
 # -----------------------------------------------------------------------------
-# Section 7: beyond the paper, the two candidate baselines of pmd_mean.py (its docstring, section 9)
+# Part H: beyond the paper, the two candidate baselines of pmd_mean.py section 9
 
 CANDIDATES = (("PMD-mean", "mean", None), ("PMD-part", "partition", None), ("tempered 3τ", "tempered", 3 * TAU_SAMPLED),
               ("tempered 10τ", "tempered", 10 * TAU_SAMPLED), ("corrected", "corrected", None))  # (name, kind, τ_b)
@@ -609,11 +694,11 @@ def binary_arms(p: float) -> np.ndarray:
 
 
 def section_beyond(seeds: int, seed: int, exact_final: float):
-    """Section 7; exact_final: exact PMD's E[r] after CURVE_ITERS iterations (from section_curves)."""
+    """Part H; exact_final: exact PMD's E[r] after CURVE_ITERS iterations (from section_curves)."""
     tau, Ks = TAU_SAMPLED, (8, 16)
     gen = torch.Generator().manual_seed(seed + 2)
-    print(f"== 7. Beyond the paper: the tempered (9a) and corrected (9b) baselines, τ = {tau}, leave-one-out ==")
-    print("   population: b → its K → ∞ value, step (W) with r − b (= exact PMD for PMD-part and corrected);")
+    print(f"== H. Beyond the paper: the tempered (9a) and corrected (9b) baselines, τ = {tau}, leave-one-out ==")
+    print("   population: b → its K → ∞ value, step (3) with r − b (= exact PMD for PMD-part and corrected);")
     print(f"   sampled: K responses per iteration, {seeds} seeds, mean ± sd. Binary rewards, success mass p:")
     w = [13, 8] + [18] * len(STEP_PS)
     print(_row(["baseline", "", *[f"p′ at p = {p:g}" for p in STEP_PS]], w))
@@ -676,7 +761,7 @@ def section_beyond(seeds: int, seed: int, exact_final: float):
 
 
 # -----------------------------------------------------------------------------
-# Figure (matplotlib imported only here)
+# Figures (matplotlib imported only here)
 
 
 def make_figure(grid, binary_curves, curves, steps, path):
@@ -735,6 +820,47 @@ def make_figure(grid, binary_curves, curves, steps, path):
     plt.close(fig)
 
 
+def make_chi2_cap_figure(path):
+    """log(π_{t+1}/π_t) against x = (r − r̄)/τ: exact PMD's line against the Lambert-W curves of (3), (5b)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.linspace(-6.0, 10.0, 321)                                       # (321,) x = (r − b)/τ
+
+    def log_u(c):
+        # (3) with c = λ/τ, or (5b) with c = λ·|y|/τ:  log u = log W₀(c·e^x) − log c
+        return _log_w_of_exp(math.log(c) + x) - math.log(c)               # (321,)
+
+    fig, ax = plt.subplots(figsize=(8.4, 5.2))
+    ax.axhline(0, color="0.85", lw=0.8)
+    ax.axvline(0, color="0.85", lw=0.8)
+    ax.plot(x, x, color="k", lw=1.6, label=r"exact PMD (1): $\log u = x$, slope 1 (its normaliser shifts it down)")
+    for c, col in ((0.1, "tab:blue"), (1.0, "tab:red")):
+        extra = r" (= (5b) at $|y| = 1$)" if c == 0.1 else ""
+        ax.plot(x, log_u(c), color=col, lw=2, label=rf"PMD-mean (3), $\lambda/\tau = {c:g}$" + extra)
+    for n_tok, ls in ((2, "--"), (20, ":")):
+        ax.plot(x, log_u(0.1 * n_tok), color="tab:blue", ls=ls, lw=1.6,
+                label=rf"with lengths (5b), $\lambda/\tau = 0.1$, $|y| = {n_tok}$")
+    ax.annotate("below the mean: $W_0(z) \\approx z$,\nso $\\log u \\approx x$, as in exact PMD",
+                xy=(-3.5, -3.5), xytext=(-5.8, 1.2), fontsize=9, arrowprops=dict(arrowstyle="->", color="0.4"))
+    ax.annotate("above the mean: $W_0(z) \\approx \\log z$, so\n"
+                "$u \\approx (\\tau/\\lambda)\\,x$ grows linearly, not as $e^x$;\n"
+                "a long response, $\\lambda|y|$ for $\\lambda$, even less",
+                xy=(7.4, float(log_u(0.1)[x.searchsorted(7.4)])), xytext=(6.25, 4.55), fontsize=8.5,
+                arrowprops=dict(arrowstyle="->", color="0.4"))
+    ax.set(xlim=(-6, 10), ylim=(-6.2, 7.5),
+           xlabel=r"$x = (r(y) - \bar r)\,/\,\tau$,  the response's advantage in units of $\tau$",
+           ylabel=r"$\log u = \log\,\pi_{t+1}(y)\,/\,\pi_t(y)$",
+           title=r"$\chi^2$ caps big increases: exact PMD multiplies $\pi_t(y)$ by $e^x$, "
+                 r"PMD-mean by about $x\,\tau/\lambda$")
+    ax.title.set_fontsize(10.5)
+    ax.legend(fontsize=8.5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -742,14 +868,26 @@ def make_figure(grid, binary_curves, curves, steps, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="PMD-mean's implicit KL–χ² regulariser on a bandit.")
     # --- output
-    ap.add_argument("--out", default=".", help="directory for toy_bandit.png (default: current directory)")
-    ap.add_argument("--no-plot", action="store_true", help="skip the figure (and the matplotlib import)")
+    ap.add_argument("--out", default=".",
+                    help="directory for toy_bandit.png and chi2_cap.png (default: current directory)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the figures (and the matplotlib import)")
     # --- sampled runs
     ap.add_argument("--seeds", type=int, default=400, help="independent runs S in the sampled experiments")
     ap.add_argument("--seed", type=int, default=0, help="seed of the torch generator that draws the samples")
-    args = ap.parse_args(argv)
-    if args.seeds < 1:
-        print(f"error: --seeds must be at least 1 (got {args.seeds}).", file=sys.stderr)
+    def fail(message):                                                     # argparse's own errors: one sentence too
+        raise ValueError(message)
+    ap.error = fail
+    try:
+        args = ap.parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}.", file=sys.stderr)
+        return 2
+    # Every sampled experiment holds S policies at once; 10^8 seeds once ran a machine out of memory.
+    if not 1 <= args.seeds <= 100_000:
+        print(f"error: --seeds must be between 1 and 100000 (got {args.seeds}).", file=sys.stderr)
+        return 2
+    if not 0 <= args.seed < 2 ** 63:
+        print(f"error: --seed must be in [0, 2**63) (got {args.seed}).", file=sys.stderr)
         return 2
     if not args.no_plot:                                                   # before the work, not after it
         try:
@@ -763,13 +901,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     section_closed_forms()
     grid, binary_curves = section_binary()
-    section_real_loss(args.seeds, args.seed)
-    curves = section_curves(args.seeds, args.seed)
+    section_exact_fit()
+    section_lengths()
+    runs = section_sampled(args.seeds, args.seed)
+    curves = section_curves(args.seeds, args.seed, runs=runs)
     steps, _ = section_beyond(args.seeds, args.seed, curves["exact PMD"][-1])
     if not args.no_plot:
         path = os.path.join(args.out, "toy_bandit.png")
         make_figure(grid, binary_curves, curves, steps, path)
-        print(f"figure: {path}")
+        cap = os.path.join(args.out, "chi2_cap.png")
+        make_chi2_cap_figure(cap)
+        print(f"figures: {path}, {cap}")
     print(f"done in {time.time() - t0:.1f} s")
     return 0
 
