@@ -37,6 +37,7 @@ PANELS = {
     "response_length": ("sampled response length (tokens, training)", "metrics"),
     "entropy": ("entropy of π_t (nats/token)", "metrics"),
     "kl": ("KL(π_t ‖ π_θ) per step", "metrics"),
+    "seconds": ("held-out greedy accuracy against training seconds", "evals"),
 }
 
 
@@ -101,7 +102,7 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
     """Mean ± s.e. across seeds: {metric: (steps, means, ses)}, evaluation metrics at each evaluation
     step, training metrics (a `window`-step moving average) at each step, for the steps every run has."""
     out = {}
-    for name in PANELS:
+    for name in [n for n in PANELS if n != "seconds"]:
         key, source = metric_key(runs, name), PANELS[name][1]
         if key is None:
             continue
@@ -116,6 +117,15 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
         if steps:
             stats = [mean_se([v[s] for v in per_seed]) for s in steps]
             out[name] = (steps, [m for m, _ in stats], [e for _, e in stats], key)
+    # Training seconds (sampling, scoring, log-probs, updates, KL pass; not evaluation) spent before
+    # each evaluation step, averaged over seeds: the x-axis of "accuracy against wall-clock".
+    phases = [k for k in TIMING_KEYS if k.startswith("time_")]
+    steps = out["accuracy"][0]
+    clocks = []
+    for r in runs:
+        cum = np.cumsum([0.0] + [sum(m.get(k, 0.0) for k in phases) for m in r["metrics"]])  # cum[s]: after s steps
+        clocks.append([cum[min(s, len(cum) - 1)] for s in steps])
+    out["seconds"] = (list(np.mean(clocks, axis=0)), out["accuracy"][1], out["accuracy"][2], "accuracy")
     return out
 
 
@@ -169,7 +179,7 @@ def compare(run_dirs: list[str], out_png: str, panels: list[str]) -> int:
         cells = [fmt_mse(*acc[s]) if s in acc else "–" for s in steps]
         print(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
 
-    evals = [n for n in PANELS if PANELS[n][1] == "evals" and any(n in a for a in aggs.values())]
+    evals = [n for n in PANELS if PANELS[n][1] == "evals" and n != "seconds" and any(n in a for a in aggs.values())]
     trains = [n for n in PANELS if PANELS[n][1] == "metrics"]
     print("\nEnd (last evaluation) and peak (best evaluation step of the mean) values, mean ± s.e.; training "
           "metrics are 10-step moving averages at the last step, KL the mean over all steps:\n")
@@ -214,7 +224,8 @@ def compare(run_dirs: list[str], out_png: str, panels: list[str]) -> int:
         if not axis.lines:
             axis.text(0.5, 0.5, "not measured in these runs", ha="center", va="center", transform=axis.transAxes)
         axis.set_title(PANELS[name][0], fontsize=9)
-        axis.set_xlabel("step (rollout batches)")
+        axis.set_xlabel("seconds (sampling + updates, no evaluation), mean over seeds" if name == "seconds"
+                        else "step (rollout batches)")
     for axis in ax.flat[len(panels):]:
         axis.axis("off")
     ax.flat[0].legend(fontsize=6)

@@ -169,8 +169,8 @@ weight. Two baselines between PMD-mean and PMD-part, "tempered" (9a) and "correc
 derived in docs/BEYOND_THE_PAPER.md; `compute_baseline` implements them, and neither beat PMD-mean.
 
 The plumbing under it (log-probs through the output layer in chunks, micro-batches in length
-order) is in lm_utils.py. The rewards are the task's, not the algorithm's: `math_tasks.math_reward` scores a
-response 1 if its final answer is right, else 0.
+order) is in lm_utils.py. The rewards are the task's, not the algorithm's: `math_tasks.math_reward`
+scores a response 1 if its final answer is right, else 0.
 """
 
 from __future__ import annotations

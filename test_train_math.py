@@ -646,6 +646,8 @@ def test_compare_groups_seeds_and_reports_mean_and_standard_error(tmp_path, caps
     assert agg["reward"][1][-1] == pytest.approx(0.1) and agg["reward"][2][-1] == pytest.approx(0.1 / math.sqrt(3))
     assert agg["maj@"][1] == pytest.approx(means) and agg["maj@"][3] == "maj@4"
     assert agg["greedy_length"][1] == pytest.approx([10.0, 9.0, 8.0])
+    # training seconds before each evaluation: 10 steps of (1 + seed) + 0.5 s, averaged over seeds 0-2
+    assert agg["seconds"][0] == pytest.approx([0.0, 10 * 2.5, 20 * 2.5]) and agg["seconds"][1] == means
     assert cmp.main([*dirs, "--out", str(tmp_path / "figs" / "cmp.png")]) == 0
     out = capsys.readouterr().out
     assert "| lr=0.0001 | 3 | 30.0 ± 15.3 | 40.0 ± 5.8 | 50.0 ± 11.5 |" in out
