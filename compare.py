@@ -37,7 +37,7 @@ PANELS = {
     "response_length": ("sampled response length (tokens, training)", "metrics"),
     "entropy": ("entropy of π_t (nats/token)", "metrics"),
     "kl": ("KL(π_t ‖ π_θ) per step", "metrics"),
-    "seconds": ("held-out greedy accuracy against training seconds", "evals"),
+    "seconds": ("held-out greedy accuracy against training seconds", "clock"),    # derived below
 }
 
 
@@ -102,7 +102,7 @@ def aggregate(runs: list[dict], window: int = 10) -> dict:
     """Mean ± s.e. across seeds: {metric: (steps, means, ses)}, evaluation metrics at each evaluation
     step, training metrics (a `window`-step moving average) at each step, for the steps every run has."""
     out = {}
-    for name in [n for n in PANELS if n != "seconds"]:
+    for name in [n for n in PANELS if PANELS[n][1] != "clock"]:
         key, source = metric_key(runs, name), PANELS[name][1]
         if key is None:
             continue
@@ -179,7 +179,7 @@ def compare(run_dirs: list[str], out_png: str, panels: list[str]) -> int:
         cells = [fmt_mse(*acc[s]) if s in acc else "–" for s in steps]
         print(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
 
-    evals = [n for n in PANELS if PANELS[n][1] == "evals" and n != "seconds" and any(n in a for a in aggs.values())]
+    evals = [n for n in PANELS if PANELS[n][1] == "evals" and any(n in a for a in aggs.values())]
     trains = [n for n in PANELS if PANELS[n][1] == "metrics"]
     print("\nEnd (last evaluation) and peak (best evaluation step of the mean) values, mean ± s.e.; training "
           "metrics are 10-step moving averages at the last step, KL the mean over all steps:\n")
@@ -224,7 +224,7 @@ def compare(run_dirs: list[str], out_png: str, panels: list[str]) -> int:
         if not axis.lines:
             axis.text(0.5, 0.5, "not measured in these runs", ha="center", va="center", transform=axis.transAxes)
         axis.set_title(PANELS[name][0], fontsize=9)
-        axis.set_xlabel("seconds (sampling + updates, no evaluation), mean over seeds" if name == "seconds"
+        axis.set_xlabel("seconds (sampling + updates, no evaluation), mean over seeds" if PANELS[name][1] == "clock"
                         else "step (rollout batches)")
     for axis in ax.flat[len(panels):]:
         axis.axis("off")
