@@ -458,8 +458,10 @@ def bench(args, built: tuple | None = None) -> dict:
     rows["kl"] = dict(what="`pmd_step` KL pass after the updates (no grad)", first_s=None, s=metrics["time_kl"],
                       tok_s=B * T / metrics["time_kl"])
     if args.precision_worker:                                              # --precision needs only these rows
+        peaks = [r["peak_gib"] for r in rows.values() if r.get("peak_gib") is not None]   # CUDA: allocated
         return dict(rows=rows, model=model_name, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                    * 1024 / GiB, gap=[metrics["sampler_gap_mean"], metrics["sampler_gap_max"]])
+                    * 1024 / GiB, peak_cuda_gib=max(peaks) if device == "cuda" and peaks else None,
+                    gap=[metrics["sampler_gap_mean"], metrics["sampler_gap_max"]])
     # The same update on ragged lengths: pmd_step orders and left-aligns rows, so its time should
     # follow the real tokens, not the padded B·T.
     Rr = ragged(rollouts, K, args.seed)
@@ -630,7 +632,10 @@ def precision_report(res: dict, args) -> str:
         lines.append(f"| {what} | {x:,.0f} | {y:,.0f} | {y / x:.2f}× |")
     x, y = a["rows"]["iteration"]["s"], b["rows"]["iteration"]["s"]
     lines.append(f"| one whole iteration, seconds | {x:.1f} | {y:.1f} | {x / y:.2f}× |")
-    lines.append(f"| peak memory of the process, GiB | {a['peak_rss_gib']:.2f} | {b['peak_rss_gib']:.2f} | — |")
+    if a.get("peak_cuda_gib") is not None:                                 # the GPU's memory, not the host's
+        lines.append(f"| peak GPU memory allocated, GiB | {a['peak_cuda_gib']:.2f} | {b['peak_cuda_gib']:.2f} | — |")
+    else:
+        lines.append(f"| peak memory of the process, GiB | {a['peak_rss_gib']:.2f} | {b['peak_rss_gib']:.2f} | — |")
     lines.append(f"| the guard's gap, mean / max (nats per token) | {a['gap'][0]:.2g} / {a['gap'][1]:.2g} | "
                  f"{b['gap'][0]:.2g} / {b['gap'][1]:.2g} | — |")
     return "\n".join(lines)

@@ -850,8 +850,9 @@ def test_greedy_bf16_equals_generate_until_the_first_near_tie(device, layers, ne
 # pmd_step
 
 
-def rollouts_for_step(seed=0):
+def rollouts_for_step(seed=0, device="cpu"):
     model, tok = make_model(seed=seed, eos_bias=1.0, init=0.1)
+    model.to(device)
     torch.manual_seed(seed)
     cfg = pm.PMDConfig(max_new_tokens=6, samples_per_prompt=4, micro_batch_size=5, lr=1e-2,
                        updates_per_batch=2, minibatches=1)                # two whole-batch steps
@@ -1116,9 +1117,9 @@ def one_adamw_step_share(model, lr, dtype, rewards=(1.0, 0, 0, 1, 0, 1, 0, 0, 1,
     if next(model.parameters()).dtype == torch.float32:
         pm.pmd_step(model, opt, R, rewards, cfg)
     else:                                                                  # pmd_step refuses such weights: the same
-        with torch.autocast("cpu", dtype=torch.bfloat16):                  # loss and step, written out
+        with torch.autocast(R.input_ids.device.type, dtype=torch.bfloat16):  # loss and step, written out
             lp = pm.sequence_logprobs(model, R.input_ids, R.attention_mask, R.response_mask)
-            r = torch.tensor(rewards).view(-1, cfg.samples_per_prompt)
+            r = torch.tensor(rewards, device=lp.device).view(-1, cfg.samples_per_prompt)
             A = (r - pm.compute_baseline(r, cfg.tau)).flatten()
             pm.pmd_loss(lp, lp.detach(), A, cfg.tau, R.response_lengths.float()).backward()
         opt.step()
@@ -1144,13 +1145,15 @@ def test_bfloat16_weights_lose_small_steps_on_the_real_model_too(smollm2):
     assert fp32 > 0.9 and bf16 < 0.2, (fp32, bf16)
 
 
-def test_bfloat16_weights_lose_small_steps_float32_weights_keep_them():
+@pytest.mark.parametrize("device", ["cpu", on_cuda()])
+def test_bfloat16_weights_lose_small_steps_float32_weights_keep_them(device):
     """One AdamW step at lr 1e-6 moves each weight by about 1e-6. In bfloat16 the step rounds away
     wherever it is below half a unit in the last place, |w|/512 to |w|/256, i.e. on every weight
     larger than about 2.6e-4: most of them (init std 0.1 here). pmd_step keeps float32 weights and
-    computes in bfloat16 by autocast, and nearly every weight with a gradient moves."""
-    fp32 = one_adamw_step_share(rollouts_for_step(seed=2), 1e-6, "bfloat16")
-    model, tok, cfg, R = rollouts_for_step(seed=2)
+    computes in bfloat16 by autocast, and nearly every weight with a gradient moves (on a GPU too,
+    where this is the default path)."""
+    fp32 = one_adamw_step_share(rollouts_for_step(seed=2, device=device), 1e-6, "bfloat16")
+    model, tok, cfg, R = rollouts_for_step(seed=2, device=device)
     bf16 = one_adamw_step_share((model.to(torch.bfloat16), tok, cfg, R), 1e-6, "bfloat16")
     w = torch.cat([p.detach().float().abs().flatten() for p in model.parameters()])
     expected_kept = float((w > 256 * 1e-6).float().mean())                 # weights whose half-ULP exceeds lr
