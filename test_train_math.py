@@ -557,9 +557,9 @@ BAD_INPUTS = {
     "nan temperature": (["--temperature", "nan"], "temperature must be"),
     "tiny temperature": (["--temperature", "1e-320"], "temperature must be"),
     "huge group": (["-k", "1000000"], "GiB"),
-    "huge batch": (["--prompts-per-step", "1000000"], "GiB"),
-    "huge eval samples": (["--eval-samples", "1000000"], "GiB"),
-    "huge budget": (["--max-new-tokens", "1000000"], "GiB"),
+    "huge batch": (["--prompts-per-step", "1000000000"], "GiB"),      # sizes no machine holds: a smaller
+    "huge eval samples": (["--eval-samples", "1000000000"], "GiB"),   # one fits where memory is ample
+    "huge budget": (["--max-new-tokens", "1000000000"], "GiB"),       # (and bfloat16 halves the KV cache)
     "float16": (["--dtype", "float16"], "float16 is not supported"),
     "unknown dtype": (["--dtype", "float8"], "unknown --dtype"),
     "unknown loss norm": (["--loss-norm", "batch"], "loss_norm must be"),
