@@ -458,9 +458,9 @@ def bench(args, built: tuple | None = None) -> dict:
     rows["kl"] = dict(what="`pmd_step` KL pass after the updates (no grad)", first_s=None, s=metrics["time_kl"],
                       tok_s=B * T / metrics["time_kl"])
     if args.precision_worker:                                              # --precision needs only these rows
-        peaks = [r["peak_gib"] for r in rows.values() if r.get("peak_gib") is not None]   # CUDA: allocated
+        peaks = [r["peak_gib"] for r in rows.values() if r.get("peak_gib") is not None]   # measured on CUDA only
         return dict(rows=rows, model=model_name, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                    * 1024 / GiB, peak_cuda_gib=max(peaks) if device == "cuda" and peaks else None,
+                    * 1024 / GiB, peak_cuda_gib=max(peaks) if peaks else None,
                     gap=[metrics["sampler_gap_mean"], metrics["sampler_gap_max"]])
     # The same update on ragged lengths: pmd_step orders and left-aligns rows, so its time should
     # follow the real tokens, not the padded B·T.

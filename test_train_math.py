@@ -556,7 +556,7 @@ BAD_INPUTS = {
     "cache cannot be written": (["--cache", "/proc/forbidden"], "--cache directory"),
     "nan temperature": (["--temperature", "nan"], "temperature must be"),
     "tiny temperature": (["--temperature", "1e-320"], "temperature must be"),
-    "huge group": (["-k", "1000000"], "GiB"),
+    "huge group": (["-k", "1000000000"], "GiB"),
     "huge batch": (["--prompts-per-step", "1000000000"], "GiB"),      # sizes no machine holds: a smaller
     "huge eval samples": (["--eval-samples", "1000000000"], "GiB"),   # one fits where memory is ample
     "huge budget": (["--max-new-tokens", "1000000000"], "GiB"),       # (and bfloat16 halves the KV cache)
